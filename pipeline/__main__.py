@@ -1,0 +1,146 @@
+"""Command line: `python -m pipeline` (chat REPL or one-shot), under mpirun or alone.
+
+    mpirun -np 2 python -m pipeline                        # chat on the embedded model
+    mpirun -np 2 python -m pipeline --prompt "Hi" --temp 0 # one-shot
+    python -m pipeline make-model --like tiny-llama OUT    # random-weight model for tests
+"""
+
+from .blas import ensure_fast_blas
+
+ensure_fast_blas()  # re-execs with OpenBLAS preloaded; must run before mlx is imported
+
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import typer  # noqa: E402
+
+from .generate import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_CHUNK, Sampling  # noqa: E402
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def _rank() -> int:
+    # Before MPI starts: the launcher's environment says which rank this is.
+    for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def _fail(message: str, code: int = 2) -> None:
+    """Every rank parses the same flags, so every rank stops; only rank 0 says why."""
+    if _rank() == 0:
+        print(f"pipeline: error: {message}", file=sys.stderr, flush=True)
+    raise typer.Exit(code)
+
+
+def _run(opts, body) -> None:
+    from mpi4py import MPI
+
+    from . import runtime
+
+    comm = MPI.COMM_WORLD
+    try:
+        driver = runtime.start(opts, comm)
+    except runtime.JobError as e:
+        if e.message:
+            print(f"pipeline: error: {e.message}", file=sys.stderr, flush=True)
+        raise typer.Exit(e.exit_code)
+    except Exception as e:  # a bug or a dead peer: end the whole job, never hang it
+        runtime.abort_on_error(comm, e, opts.verbose)
+    if driver is None:
+        return  # this rank served the pipeline until rank 0 said quit
+    try:
+        body(driver)
+    except ValueError as e:  # a request rank 0 refused (e.g. prompt too long): ranks still idle
+        driver.shutdown()
+        _fail(str(e))
+    except Exception as e:
+        runtime.abort_on_error(comm, e, opts.verbose)
+    driver.shutdown()
+
+
+@app.callback(invoke_without_command=True)
+def main(
+    ctx: typer.Context,
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m",
+        help="Model folder, .gguf file or Hugging Face repo. Default: embedded SmolLM2-135M-Instruct."),
+    prompt: Optional[str] = typer.Option(
+        None, "--prompt", "-p", help="Generate once for this prompt and exit (else: chat REPL)."),
+    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", help="Tokens to generate at most."),
+    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 is greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Minimum probability relative to the top token."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt (chat mode)."),
+    chat: Optional[bool] = typer.Option(
+        None, "--chat/--no-chat", help="Apply the chat template [default: on if the tokenizer has one]."),
+    split: Optional[str] = typer.Option(
+        None, "--split", help="Layers per rank, e.g. 10,12,8 (must sum to the layer count)."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="Cast unquantized weights: float32, float16 or bfloat16 "
+        "[default: float32 on CPU, the checkpoint's on GPU]."),
+    prefill_chunk: int = typer.Option(
+        DEFAULT_PREFILL_CHUNK, "--prefill-chunk", help="Prompt tokens per pipelined prefill chunk."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate max-tokens even after EOS."),
+    as_json: bool = typer.Option(False, "--json", help="One-shot: print a JSON object with tokens and stats."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Per-rank logs on stderr."),
+):
+    """Chat with (or, with --prompt, run once) an LLM split by layers across MPI ranks."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .load import default_dtype
+    from .runtime import Options
+
+    sampling = Sampling(temp=temp, top_p=top_p, min_p=min_p, seed=seed,
+                        max_tokens=max_tokens, ignore_eos=ignore_eos)
+    try:
+        sampling.check()
+    except ValueError as e:
+        _fail(str(e))
+    if prompt is not None and not prompt.strip():
+        _fail("--prompt is empty: give some text")
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        _fail(f"--dtype {dtype} is not one of {', '.join(DTYPE_NAMES)}")
+    if prefill_chunk < 1:
+        _fail("--prefill-chunk must be at least 1")
+    opts = Options(model=model, split=split, dtype=dtype or default_dtype(), verbose=verbose,
+                   prefill_chunk=prefill_chunk)
+    from .repl import run_one_shot, run_repl
+
+    if prompt is not None:
+        _run(opts, lambda d: run_one_shot(d, prompt, system, chat, sampling, as_json))
+    else:
+        _run(opts, lambda d: run_repl(d, system, chat, sampling))
+
+
+@app.command("make-model")
+def make_model_cmd(
+    out: Path = typer.Argument(..., help="Folder to write."),
+    like: str = typer.Option("tiny-llama", "--like", help="Shape preset, e.g. tiny-llama, qwen2.5-0.5b."),
+    dtype: str = typer.Option("float32", "--dtype"),
+    seed: int = typer.Option(0, "--seed"),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Override the layer count."),
+):
+    """Write a random-weight model of a real shape with a working tokenizer (offline)."""
+    from .make_model import make_model
+
+    try:
+        path = make_model(like, out, dtype=dtype, seed=seed, num_layers=layers)
+    except ValueError as e:
+        _fail(str(e))
+    print(path)
+
+
+def main_entry() -> None:
+    app(prog_name="pipeline")
+
+
+if __name__ == "__main__":
+    main_entry()

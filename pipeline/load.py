@@ -1,0 +1,289 @@
+"""Find a model and materialize only this rank's tensors.
+
+A model is a local mlx-lm folder (config.json + safetensors, single file or index), a
+llama-architecture .gguf file (imported once into a cached folder), a Hugging Face repo id
+(each rank fetches only the files that hold its tensors), or nothing: the embedded
+SmolLM2-135M-Instruct.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models.cache import RotatingKVCache
+from mlx_lm.utils import _get_classes
+
+from .stage import Stage, check_supported
+
+
+class ModelError(ValueError):
+    """A model that cannot be found, read or run; the message says what to do."""
+
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_META_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.jinja", "*.txt"]
+
+
+def layer_of(name: str) -> int | None:
+    """Transformer block index of a tensor name, None for embedding/norm/head tensors."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def hub_repo(spec: str | None) -> str | None:
+    """`spec` if it names a Hugging Face repo (org/name) rather than a local path."""
+    if spec is None or Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
+        return None
+    return spec if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) else None
+
+
+def resolve_model(spec: str | None) -> Path:
+    """Local folder holding config.json for `spec` (see module docstring)."""
+    if spec is None:
+        from . import gguf
+
+        return gguf.cached_mlx_model(gguf.default_gguf_path())
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from . import gguf
+
+        return gguf.cached_mlx_model(path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelError(f"model '{spec}' is a file but not a GGUF file: give a model folder")
+    if hub_repo(spec):
+        return _hub_snapshot(spec)
+    raise ModelError(
+        f"model path '{spec}' does not exist: give a folder with config.json, "
+        f"a .gguf file, or a Hugging Face repo id (org/name)"
+    )
+
+
+def _hub_snapshot(repo: str, files: list[str] | None = None) -> Path:
+    """Config/tokenizer files of a hub repo (plus `files`), from the cache when possible."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = files if files is not None else _META_PATTERNS
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise ModelError(
+            f"Hugging Face repo '{repo}' is not in the local cache and the hub cannot be "
+            f"reached ({type(e).__name__}): download it where there is network "
+            f"(hf download {repo}) or pass a local folder"
+        ) from None
+
+
+def read_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.is_file():
+        raise ModelError(f"no config.json in '{path}': not an mlx-lm / Hugging Face model folder")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{file} is not valid JSON ({e}): re-download or fix the file") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ModelError(f"{file} has no model_type: not a transformer config")
+    check_supported(config["model_type"])
+    if not isinstance(config.get("num_hidden_layers"), int):
+        raise ModelError(f"{file} has no integer num_hidden_layers")
+    return config
+
+
+def _safetensors_header(file: Path) -> dict:
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{file} is not a readable safetensors file ({e}): re-download it") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+@dataclass
+class TensorIndex:
+    """Where every tensor of a checkpoint lives and how many bytes it takes."""
+
+    file_of: dict[str, str]
+    nbytes: dict[str, int]
+
+    def layer_bytes(self, num_layers: int) -> tuple[list[int], int]:
+        """Bytes per transformer block, and bytes of everything else (rank 0's share)."""
+        per_layer, other = [0] * num_layers, 0
+        for name, size in self.nbytes.items():
+            i = layer_of(name)
+            if i is None:
+                other += size
+            elif i < num_layers:
+                per_layer[i] += size
+        return per_layer, other
+
+    def share(self, layer_range: tuple[int, int], with_head: bool) -> list[str]:
+        start, end = layer_range
+        return sorted(
+            n for n in self.file_of
+            if (i := layer_of(n)) is None and with_head or i is not None and start <= i < end
+        )
+
+
+def tensor_index(path: Path, repo: str | None = None) -> TensorIndex:
+    """Read the safetensors index (or headers) without loading any tensor data."""
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            file_of = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelError(f"{index_file} is not a valid safetensors index ({e})") from None
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            raise ModelError(f"no .safetensors weights in '{path}'")
+        file_of = {n: f for f in files for n in _safetensors_header(path / f)}
+    nbytes = {}
+    for f in sorted(set(file_of.values())):
+        local = path / f
+        if not local.exists() and repo is not None:
+            # The index alone does not say sizes; a missing shard is fetched when loaded.
+            continue
+        for n, info in _safetensors_header(local).items():
+            s, e = info["data_offsets"]
+            nbytes[n] = e - s
+    for n in file_of:
+        nbytes.setdefault(n, 0)
+    return TensorIndex(file_of, nbytes)
+
+
+def default_dtype() -> str | None:
+    """float32 on CPU (f16/bf16 CPU matmul is slow), the checkpoint's dtype on a GPU."""
+    return "float32" if mx.default_device() == mx.cpu else None
+
+
+def _quantize_like_checkpoint(model: nn.Module, config: dict, weights: dict) -> None:
+    q = config.get("quantization") or config.get("quantization_config")
+    if not q or "bits" not in q:
+        return
+
+    def predicate(path, module):
+        if path in q:
+            return q[path]
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+    nn.quantize(model, group_size=q.get("group_size", 64), bits=q["bits"],
+                mode=q.get("mode", "affine"), class_predicate=predicate)
+
+
+def load_stage(path: Path, config: dict, layer_range: tuple[int, int], with_head: bool,
+               dtype: str | None = None, repo: str | None = None) -> Stage:
+    """Build the model lazily with mlx-lm's classes and materialize only this rank's share."""
+    index = tensor_index(path, repo)
+    names = index.share(layer_range, with_head)
+    by_file: dict[str, list[str]] = {}
+    for n in names:
+        by_file.setdefault(index.file_of[n], []).append(n)
+    if repo is not None:
+        path = _hub_snapshot(repo, [*_META_PATTERNS, *by_file])
+    weights = {}
+    for f, wanted in by_file.items():
+        try:
+            tensors = mx.load(str(path / f))  # lazy: data is read only when evaluated
+        except (RuntimeError, ValueError, OSError) as e:
+            raise ModelError(f"cannot read weights file {path / f} ({e}): re-download it") from None
+        missing = [n for n in wanted if n not in tensors]
+        if missing:
+            raise ModelError(f"{path / f} lacks tensor {missing[0]} named in the index")
+        weights.update((n, tensors[n]) for n in wanted)
+
+    model_class, args_class = _get_classes(config)
+    args = args_class.from_dict(config)
+    model = model_class(args)
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    _quantize_like_checkpoint(model, config, weights)
+
+    inner = model.model
+    start, end = layer_range
+    stage = Stage(
+        args=args,
+        model_type=config["model_type"],
+        layer_range=layer_range,
+        layers=inner.layers[start:end],
+        cache_factory=getattr(model, "make_cache", None),
+    )
+    if with_head:
+        stage.embed_tokens = inner.embed_tokens
+        stage.norm = inner.norm
+        stage.lm_head = model.get("lm_head") if "lm_head" in model else None
+    held = _held_parameters(stage)
+
+    # Checkpoint names are the model's parameter names (after sanitize).
+    missing = sorted(set(held) - set(weights))
+    if missing:
+        raise ModelError(f"checkpoint in '{path}' lacks {len(missing)} tensors, e.g. {missing[0]}")
+    model.load_weights([(n, w) for n, w in weights.items() if n in held], strict=False)
+    if dtype is not None:
+        target = DTYPES[dtype]
+        _cast_floats(stage, target)
+    mx.eval(list(_held_parameters(stage).values()))
+    stage.cache_factory = _bind_cache_factory(model)
+    if stage.cache_factory is not None:
+        windows = [c.max_size for c in stage.cache_factory() if isinstance(c, RotatingKVCache)]
+        stage.min_window = min(windows, default=None)
+    stage.loaded_names = sorted(held)
+    return stage
+
+
+def _module_tree(stage: Stage) -> dict:
+    start, _ = stage.layer_range
+    tree = {f"model.layers.{start + i}": layer for i, layer in enumerate(stage.layers)}
+    if stage.embed_tokens is not None:
+        tree["model.embed_tokens"] = stage.embed_tokens
+        tree["model.norm"] = stage.norm
+    if stage.lm_head is not None:
+        tree["lm_head"] = stage.lm_head
+    return tree
+
+
+def _held_parameters(stage: Stage) -> dict[str, mx.array]:
+    out = {}
+    for prefix, module in _module_tree(stage).items():
+        for n, a in tree_flatten(module.parameters()):
+            out[f"{prefix}.{n}"] = a
+    return out
+
+
+def _cast_floats(stage: Stage, dtype) -> None:
+    def cast(a):
+        return a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
+
+    for module in _module_tree(stage).values():
+        module.update(tree_map(cast, module.parameters()))
+
+
+def _bind_cache_factory(model: nn.Module):
+    """Cache layout for the whole model without keeping the model (and its lazy weights)."""
+    if not hasattr(model, "make_cache"):
+        return None
+    kinds = model.make_cache()  # cheap: empty cache objects
+    return lambda: [copy.deepcopy(c) for c in kinds]
+
+
+def resident_bytes(stage: Stage) -> int:
+    return sum(a.nbytes for a in _held_parameters(stage).values())

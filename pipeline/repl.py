@@ -1,0 +1,192 @@
+"""Rank 0's front ends: one-shot generation and the interactive chat REPL. Only rank 0 prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sys
+from dataclasses import asdict
+
+from .generate import Driver, GenerationStats, Sampling
+
+HELP = """commands:
+  /reset   forget the conversation (and the cached keys/values on every rank)
+  /stats   figures of the last answer, per rank
+  /help    this text
+  /quit    exit (Ctrl-D too); Ctrl-C stops the answer being written
+End a line with \\ to continue the message on the next line; pasted lines stay together."""
+
+
+def encode(tokenizer, messages: list[dict], chat: bool) -> list[int]:
+    """Token ids for a conversation: through the chat template, or the raw text of its turns."""
+    if chat:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    text = "".join(m["content"] for m in messages if m["role"] != "system")
+    bos = tokenizer.bos_token
+    return tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
+
+
+def wants_chat(tokenizer, chat: bool | None) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+
+
+def format_stats(stats: GenerationStats, ranks: list[dict]) -> list[str]:
+    lines = [
+        f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tok/s"
+        + (f" ({stats.cached_tokens} reused from cache)" if stats.cached_tokens else ""),
+        f"generation: {stats.generation_tokens} tokens, {stats.generation_tps:.1f} tok/s",
+        f"time to first token: {stats.ttft_s:.3f} s ({stats.finish_reason})",
+    ]
+    for r in ranks:
+        start, end = r["layer_range"]
+        lines.append(
+            f"rank {r['rank']} ({r['host']}): layers {start}-{end - 1}, weights "
+            f"{r['weight_bytes'] / 2**20:.1f} MiB, peak memory {r['peak_rss_bytes'] / 2**20:.0f} MiB"
+        )
+    return lines
+
+
+def run_one_shot(driver: Driver, prompt: str, system: str | None, chat: bool | None,
+                 sampling: Sampling, as_json: bool = False) -> None:
+    """Print only the completion on stdout (newline at the end); figures on stderr."""
+    chat = wants_chat(driver.tokenizer, chat)
+    messages = ([{"role": "system", "content": system}] if system and chat else [])
+    messages.append({"role": "user", "content": prompt})
+    text, tokens = [], encode(driver.tokenizer, messages, chat)
+    for _, segment in driver.generate(tokens, sampling):
+        text.append(segment)
+        if not as_json:
+            sys.stdout.write(segment)
+            sys.stdout.flush()
+    ranks = driver.rank_stats()
+    if as_json:
+        print(json.dumps({"completion": "".join(text), "prompt_ids": tokens,
+                          **asdict(driver.last_stats), "ranks": ranks}))
+    else:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    for line in format_stats(driver.last_stats, ranks):
+        print(line, file=sys.stderr)
+
+
+class InputReader:
+    """Whole messages from a file descriptor, read as bytes so bad UTF-8 is caught, not fatal.
+
+    A trailing backslash continues a message; on a terminal, lines that arrive together (a
+    paste) form one message.
+    """
+
+    def __init__(self, fd: int = 0):
+        self.fd, self.buf, self.eof = fd, b"", False
+        self.tty = os.isatty(fd)
+
+    def _ready(self, timeout: float) -> bool:
+        return bool(self.buf) or bool(select.select([self.fd], [], [], timeout)[0])
+
+    def _line(self) -> bytes | None:
+        while b"\n" not in self.buf and not self.eof:
+            data = os.read(self.fd, 65536)
+            self.eof = not data
+            self.buf += data
+        if b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            return line
+        line, self.buf = self.buf, b""
+        return line or None
+
+    def read_message(self) -> str | None:
+        """The next message, None at end of input. Raises UnicodeDecodeError on bad bytes."""
+        lines, bad = [], None
+        while True:
+            raw = self._line()
+            if raw is None:
+                break
+            try:
+                line = raw.rstrip(b"\r").decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad, line = e, ""
+            if line.endswith("\\"):
+                lines.append(line[:-1])
+                continue
+            lines.append(line)
+            if self.tty and self._ready(0.03):
+                continue
+            break
+        if bad is not None:
+            raise bad
+        return "\n".join(lines) if lines else None
+
+
+def run_repl(driver: Driver, system: str | None, chat: bool | None, sampling: Sampling,
+             reader: InputReader | None = None) -> None:
+    reader = reader or InputReader()
+    chat = wants_chat(driver.tokenizer, chat)
+    base = [{"role": "system", "content": system}] if system and chat else []
+    messages = list(base)
+    out = sys.stdout
+    print("pipeline chat: type a message, /help for commands, /quit to exit", file=out, flush=True)
+    interrupted_at_prompt = False
+    while True:
+        out.write("> ")
+        out.flush()
+        try:
+            text = reader.read_message()
+        except UnicodeDecodeError:
+            print("input is not valid UTF-8: retype the message (check the terminal's encoding)",
+                  file=out, flush=True)
+            continue
+        except KeyboardInterrupt:
+            if interrupted_at_prompt:
+                out.write("\n")
+                return
+            interrupted_at_prompt = True
+            print("\n(Ctrl-C again, /quit or Ctrl-D to exit)", file=out, flush=True)
+            continue
+        interrupted_at_prompt = False
+        if text is None:
+            out.write("\n")
+            return
+        command = text.strip()
+        if command in ("/quit", "/exit"):
+            return
+        if command == "/help":
+            print(HELP, file=out, flush=True)
+            continue
+        if command == "/reset":
+            messages = list(base)
+            driver.reset()
+            print("(conversation cleared)", file=out, flush=True)
+            continue
+        if command == "/stats":
+            if driver.last_stats is None:
+                print("no answer yet", file=out, flush=True)
+            else:
+                print("\n".join(format_stats(driver.last_stats, driver.rank_stats())), file=out,
+                      flush=True)
+            continue
+        if not command:
+            continue
+        messages.append({"role": "user", "content": text})
+        answer = _stream_answer(driver, encode(driver.tokenizer, messages, chat), sampling, out)
+        messages.append({"role": "assistant", "content": answer})
+
+
+def _stream_answer(driver: Driver, tokens: list[int], sampling: Sampling, out) -> str:
+    """Stream one answer; Ctrl-C stops it (every rank drops the rest) and returns the prompt."""
+    previous = signal.signal(signal.SIGINT, lambda *_: setattr(driver, "interrupted", True))
+    parts = []
+    try:
+        for _, segment in driver.generate(tokens, sampling):
+            parts.append(segment)
+            out.write(segment)
+            out.flush()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    out.write("\n")
+    if driver.last_stats.finish_reason == "interrupted":
+        out.write("(stopped)\n")
+    out.flush()
+    return "".join(parts)

@@ -1,0 +1,140 @@
+"""Job start-up shared by every command: MPI, model resolution, split, per-rank load.
+
+Errors that every rank would hit (bad path, bad --split, ...) are found by rank 0 before
+anything is loaded and sent to all ranks, which then exit together with one clear line.
+A failure while a rank loads its share is gathered the same way. Nothing is left waiting.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+
+from mpi4py import MPI
+
+from . import blas
+from .generate import Driver, serve
+from .load import ModelError, hub_repo, load_stage, read_config, resident_bytes, resolve_model, tensor_index
+from .plan import SplitError, balanced_split, check_rank_count, layer_ranges, parse_split
+from .stage import UnsupportedModel
+
+USER_ERRORS = (ModelError, SplitError, UnsupportedModel, FileNotFoundError)
+EXIT_USAGE, EXIT_FAILURE = 2, 1
+
+
+class JobError(Exception):
+    """Ends the job on every rank with `exit_code`; rank 0 prints `message` (if any)."""
+
+    def __init__(self, message: str | None, exit_code: int):
+        super().__init__(message)
+        self.message, self.exit_code = message, exit_code
+
+
+@dataclass
+class Options:
+    model: str | None = None
+    split: str | None = None
+    dtype: str | None = None  # None: float32 on CPU, the checkpoint's dtype on a GPU
+    verbose: bool = False
+    prefill_chunk: int = 512
+
+
+class Log:
+    def __init__(self, rank: int, verbose: bool):
+        self.rank, self.verbose = rank, verbose
+        self.host = socket.gethostname()
+
+    def __call__(self, msg: str) -> None:
+        if self.verbose:
+            print(f"[rank {self.rank} {self.host}] {msg}", file=sys.stderr, flush=True)
+
+
+def _plan(opts: Options, size: int) -> dict:
+    """Rank 0: find the model and decide the split, without loading weights."""
+    path = resolve_model(opts.model)
+    config = read_config(path)
+    repo = hub_repo(opts.model)
+    num_layers = config["num_hidden_layers"]
+    check_rank_count(num_layers, size)
+    if opts.split:
+        split = parse_split(opts.split, num_layers, size)
+    else:
+        per_layer, other = tensor_index(path, repo).layer_bytes(num_layers)
+        if 0 in per_layer:  # sizes unknown (shards not local yet): split by layer count
+            per_layer, other = [1] * num_layers, 0
+        split = balanced_split(per_layer, size, first_extra=other)
+    return {"split": split, "repo": repo}
+
+
+def start(opts: Options, comm=None):
+    """Set up this rank. Rank 0 gets a Driver; the others serve and return None."""
+    comm = comm or MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    log = Log(rank, opts.verbose)
+
+    plan, error = None, None
+    if rank == 0:
+        try:
+            plan = _plan(opts, size)
+        except USER_ERRORS as e:
+            error = str(e)
+    plan, error = comm.bcast((plan, error), root=0)
+    if error:
+        raise JobError(error if rank == 0 else None, EXIT_USAGE)
+
+    layer_range = layer_ranges(plan["split"])[rank]
+    stage, error = None, None
+    try:
+        path = resolve_model(opts.model)
+        config = read_config(path)
+        log(f"loading layers {layer_range[0]}..{layer_range[1] - 1} from {path}")
+        stage = load_stage(path, config, layer_range, with_head=rank == 0,
+                           dtype=opts.dtype, repo=plan["repo"])
+        weight_bytes = resident_bytes(stage)
+        log(f"loaded {len(stage.loaded_names)} tensors, {weight_bytes / 2**20:.1f} MiB")
+    except USER_ERRORS as e:
+        error = str(e)
+    except Exception as e:  # an unexpected failure still ends every rank together
+        error = f"{type(e).__name__}: {e}"
+        log(traceback.format_exc())
+    device, blas_name, reference = blas.describe()
+    reports = comm.gather((error, socket.gethostname(), device, blas_name, reference), root=0)
+    failed = comm.bcast(any(r[0] for r in reports) if rank == 0 else None, root=0)
+    if failed:
+        message = None
+        if rank == 0:
+            r, (err, host, *_) = next((i, x) for i, x in enumerate(reports) if x[0])
+            message = err if size == 1 else f"rank {r} ({host}): {err}"
+        raise JobError(message, EXIT_FAILURE)
+
+    if rank != 0:
+        serve(comm, stage, weight_bytes)
+        return None
+
+    from mlx_lm.utils import load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    hosts = sorted({r[1] for r in reports})
+    print(f"pipeline: {size} rank{'s' * (size > 1)} on {len(hosts)} host{'s' * (len(hosts) > 1)}, "
+          f"{config['model_type']} {config['num_hidden_layers']} layers split {plan['split']}, "
+          f"device {device}, BLAS {blas_name}", file=sys.stderr, flush=True)
+    for r, (_, host, _, name, ref) in enumerate(reports):
+        if ref:
+            print(f"pipeline: warning: rank {r} ({host}) uses the {name} (~30x slower): "
+                  f"install OpenBLAS (apt-get install libopenblas0-pthread)",
+                  file=sys.stderr, flush=True)
+    return Driver(comm if size > 1 else None, stage, tokenizer, weight_bytes, opts.prefill_chunk)
+
+
+def abort_on_error(comm, exc: BaseException, verbose: bool) -> None:
+    """Unexpected failure: one line naming rank and host, then end the whole job (all ranks)."""
+    rank = comm.Get_rank()
+    if verbose:
+        traceback.print_exception(exc)
+    print(f"pipeline: error: rank {rank} ({socket.gethostname()}) failed: "
+          f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    if comm.Get_size() > 1:
+        comm.Abort(EXIT_FAILURE)
+    sys.exit(EXIT_FAILURE)

@@ -1,0 +1,130 @@
+"""One rank's share of the model: a contiguous slice of mlx-lm transformer blocks.
+
+The blocks, caches, norms and heads are mlx-lm's own modules; this file only owns the loop
+over a slice of layers and the few per-architecture details of the model's outer shell
+(embedding scale, which layers use a sliding window) that mlx-lm keeps inside each
+model's `__call__`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache
+
+
+def _gemma_embed_scale(args, h: mx.array) -> mx.array:
+    # gemma3 scales embeddings by sqrt(hidden), rounded through bfloat16 like mlx-lm does.
+    return h * mx.array(args.hidden_size**0.5, mx.bfloat16).astype(h.dtype)
+
+
+# model_type -> embedding post-processing (None: plain lookup). Every entry is covered by the
+# oracle tests (pipeline tokens == single-process mlx-lm tokens).
+SUPPORTED_MODEL_TYPES = {
+    "llama": None,
+    "mistral": None,
+    "qwen2": None,
+    "qwen3": None,
+    "gemma3_text": _gemma_embed_scale,
+    "phi3": None,
+}
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+def check_supported(model_type: str) -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        names = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
+        raise UnsupportedModel(
+            f"unsupported model_type '{model_type}': pipeline runs {names}"
+        )
+
+
+def _is_sliding(layer: nn.Module) -> bool:
+    # llama-style blocks say `use_sliding`; gemma3 keeps `is_sliding` on the attention.
+    if getattr(layer, "use_sliding", False):
+        return True
+    attn = getattr(layer, "self_attn", None)
+    return bool(getattr(attn, "is_sliding", False))
+
+
+@dataclass
+class Stage:
+    """Layers [start, end) of a model, plus embedding/norm/head on the first (= last) stage.
+
+    Rank 0 is both the first stage (embedding + its layers) and the last (final norm + head):
+    hidden states go round the ring 0 -> 1 -> ... -> N-1 -> 0.
+    """
+
+    args: object
+    model_type: str
+    layer_range: tuple[int, int]
+    layers: list
+    embed_tokens: nn.Module | None = None
+    norm: nn.Module | None = None
+    lm_head: nn.Module | None = None  # None with an embedding: tied head
+    cache_factory: object = None  # () -> list of caches for the whole model, or None
+    caches: list = field(default_factory=list)
+    loaded_names: list = field(default_factory=list)  # parameter names materialized here
+    min_window: int | None = None  # smallest sliding window in the whole model, if any
+
+    @property
+    def has_head(self) -> bool:
+        return self.embed_tokens is not None
+
+    def make_caches(self) -> list:
+        start, end = self.layer_range
+        if self.cache_factory is not None:
+            return self.cache_factory()[start:end]
+        return [KVCache() for _ in range(end - start)]
+
+    def reset(self) -> None:
+        self.caches = self.make_caches()
+
+    @property
+    def offset(self) -> int:
+        return self.caches[0].offset if self.caches else 0
+
+    def trim_to(self, keep: int) -> None:
+        """Keep the first `keep` cached tokens (0 clears the caches)."""
+        if not self.caches or keep == 0:
+            self.reset()
+            return
+        excess = self.offset - keep
+        if excess < 0:
+            raise ValueError(f"cannot keep {keep} tokens, cache holds {self.offset}")
+        if excess and all(c.is_trimmable() for c in self.caches):
+            for c in self.caches:
+                c.trim(excess)
+        elif excess:
+            self.reset()  # a full rotating cache cannot rewind; caller re-prefills
+            raise ValueError("cache cannot be trimmed")
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        # tokens: [B, L] -> h: [B, L, D]
+        h = self.embed_tokens(tokens)
+        post = SUPPORTED_MODEL_TYPES.get(self.model_type)
+        return post(self.args, h) if post else h
+
+    def forward(self, h: mx.array) -> mx.array:
+        """Run this stage's layers on h: [B, L, D], updating its caches."""
+        if not self.caches:
+            self.reset()
+        window = getattr(self.args, "sliding_window", None)
+        for layer, cache in zip(self.layers, self.caches):
+            mask = create_attention_mask(
+                h, cache, window_size=window if _is_sliding(layer) else None
+            )
+            h = layer(h, mask, cache)
+        return h
+
+    def logits(self, h: mx.array) -> mx.array:
+        """Final norm and head on the last position: h: [B, L, D] -> [B, V]."""
+        h = self.norm(h)
+        out = self.lm_head(h) if self.lm_head is not None else self.embed_tokens.as_linear(h)
+        return out[:, -1, :]

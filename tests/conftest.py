@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny real models (built once per session) and a real mpirun launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MPIRUN = str(BIN / "mpirun")
+ARCHS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3", "tiny-phi3"]
+
+
+def mpi_env() -> dict:
+    env = dict(os.environ)
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def pipeline_cmd(np_: int, *args: str) -> list[str]:
+    """`python -m pipeline ARGS`, under mpirun when np_ > 0 (0: no mpirun at all)."""
+    py = [sys.executable, "-m", "pipeline", *args]
+    if np_ == 0:
+        return py
+    return [MPIRUN, "-np", str(np_), "--oversubscribe", "--bind-to", "none", *py]
+
+
+def run_pipeline(np_: int, *args: str, timeout: float = 240, input: str | None = None):
+    return subprocess.run(pipeline_cmd(np_, *args), capture_output=True, text=True,
+                          timeout=timeout, env=mpi_env(), cwd=ROOT, input=input)
+
+
+def run_json(np_: int, *args: str) -> dict:
+    proc = run_pipeline(np_, *args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """model_dir(preset, **kw) -> folder of a tiny random model, built once per session."""
+    from pipeline.make_model import make_model
+
+    made: dict = {}
+
+    def get(like: str, **kw) -> Path:
+        key = (like, tuple(sorted(kw.items())))
+        if key not in made:
+            name = like + "".join(f"-{k}{v}" for k, v in sorted(kw.items()))
+            made[key] = make_model(like, tmp_path_factory.mktemp(name), **kw)
+        return made[key]
+
+    return get
+
+
+def reference_tokens(path: Path, prompt_ids: list[int], n: int) -> list[int]:
+    """The oracle: greedy tokens of single-process mlx-lm on the same model and prompt."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    model, _ = load(str(path))
+    steps = generate_step(mx.array(prompt_ids), model, max_tokens=n,
+                          sampler=lambda logprobs: mx.argmax(logprobs, axis=-1))
+    return [int(tok) for tok, _ in steps]
