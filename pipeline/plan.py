@@ -55,19 +55,21 @@ def balanced_split(layer_bytes: list[int], size: int, first_extra: int = 0) -> l
     n = len(layer_bytes)
     check_rank_count(n, size)
     prefix = [0, *accumulate(layer_bytes)]
-    inf = float("inf")
-    # best[r][i]: smallest possible max load placing the first i layers on ranks 0..r-1
+    inf = (float("inf"), float("inf"))
+    # best[r][i]: (largest load, sum of squared loads) placing the first i layers on ranks
+    # 0..r-1; the squares break ties between equally large maxima towards even loads.
     best = [[inf] * (n + 1) for _ in range(size + 1)]
     cut = [[0] * (n + 1) for _ in range(size + 1)]
-    best[0][0] = 0
+    best[0][0] = (0, 0)
     for r in range(1, size + 1):
         extra = first_extra if r == 1 else 0
         for i in range(r, n - (size - r) + 1):
             for j in range(r - 1, i):
-                load = max(best[r - 1][j], prefix[i] - prefix[j] + extra)
-                # ties: prefer the later cut, which gives earlier ranks more layers
-                if load <= best[r][i]:
-                    best[r][i], cut[r][i] = load, j
+                load = prefix[i] - prefix[j] + extra
+                prev_max, prev_sq = best[r - 1][j]
+                cost = (max(prev_max, load), prev_sq + load * load)
+                if cost < best[r][i]:
+                    best[r][i], cut[r][i] = cost, j
     split, i = [], n
     for r in range(size, 0, -1):
         j = cut[r][i]

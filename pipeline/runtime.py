@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from mpi4py import MPI
 
 from . import blas
+from .gguf import GGUFError
 from .generate import Driver, serve
 from .load import ModelError, hub_repo, load_stage, read_config, resident_bytes, resolve_model, tensor_index
 from .plan import SplitError, balanced_split, check_rank_count, layer_ranges, parse_split
 from .stage import UnsupportedModel
 
-USER_ERRORS = (ModelError, SplitError, UnsupportedModel, FileNotFoundError)
+USER_ERRORS = (ModelError, SplitError, UnsupportedModel, FileNotFoundError, GGUFError)
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
 

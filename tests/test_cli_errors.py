@@ -1,0 +1,59 @@
+"""Bad input: one clear line on stderr, a non-zero exit, and no rank left hanging (real mpirun)."""
+
+import json
+
+import pytest
+
+from conftest import run_pipeline
+
+
+def assert_clean_failure(proc, *needles):
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("pipeline: error:")]
+    assert len(errors) == 1, proc.stderr  # said once, by rank 0
+    for needle in needles:
+        assert needle in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_model_path():
+    proc = run_pipeline(2, "--model", "/nonexistent/model", "--prompt", "hi", timeout=60)
+    assert_clean_failure(proc, "/nonexistent/model", "does not exist")
+
+
+def test_unsupported_architecture(model_dir, tmp_path):
+    src = model_dir("tiny-llama")
+    for f in src.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_type"] = "rwkv7"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    proc = run_pipeline(2, "--model", str(tmp_path), "--prompt", "hi", timeout=60)
+    assert_clean_failure(proc, "unsupported model_type 'rwkv7'")
+
+
+def test_more_ranks_than_layers(model_dir):
+    path = model_dir("tiny-llama", num_layers=2)
+    proc = run_pipeline(3, "--model", str(path), "--prompt", "hi", timeout=60)
+    assert_clean_failure(proc, "3 ranks", "only 2 layers")
+
+
+@pytest.mark.parametrize("split, needle", [("3,3", "sums to 6"), ("7", "1 entries"), ("x", "comma")])
+def test_bad_split(model_dir, split, needle):
+    proc = run_pipeline(2, "--model", str(model_dir("tiny-llama")), "--prompt", "hi",
+                        "--split", split, timeout=60)
+    assert_clean_failure(proc, "--split", needle)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--temp", "-1"], "--temp"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--max-tokens", "0"], "--max-tokens"),
+    (["--prompt", "  "], "empty"),
+])
+def test_bad_sampling_values(model_dir, args, needle):
+    base = ["--model", str(model_dir("tiny-llama"))]
+    if "--prompt" not in args:
+        base += ["--prompt", "hi"]
+    proc = run_pipeline(2, *base, *args, timeout=60)
+    assert_clean_failure(proc, needle)
