@@ -154,6 +154,9 @@ def tensor_index(path: Path, repo: str | None = None) -> TensorIndex:
             raise ModelError(f"{index_file} is not a valid safetensors index ({e})") from None
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files and repo is not None:  # single-file repo: its one file is everyone's
+            path = _hub_snapshot(repo, [*_META_PATTERNS, "*.safetensors"])
+            files = sorted(p.name for p in path.glob("*.safetensors"))
         if not files:
             raise ModelError(f"no .safetensors weights in '{path}'")
         file_of = {n: f for f in files for n in _safetensors_header(path / f)}
