@@ -88,6 +88,10 @@ def main(
         "[default: float32 on CPU, the checkpoint's on GPU]."),
     prefill_chunk: int = typer.Option(
         DEFAULT_PREFILL_CHUNK, "--prefill-chunk", help="Prompt tokens per pipelined prefill chunk."),
+    dequantize: Optional[bool] = typer.Option(
+        None, "--dequantize/--no-dequantize",
+        help="Expand quantized weights to dense ones at load (faster on CPU, more memory) "
+        "[default: only for the embedded model on CPU]."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate max-tokens even after EOS."),
     as_json: bool = typer.Option(False, "--json", help="One-shot: print a JSON object with tokens and stats."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Per-rank logs on stderr."),
@@ -111,7 +115,7 @@ def main(
     if prefill_chunk < 1:
         _fail("--prefill-chunk must be at least 1")
     opts = Options(model=model, split=split, dtype=dtype or default_dtype(), verbose=verbose,
-                   prefill_chunk=prefill_chunk)
+                   prefill_chunk=prefill_chunk, dequantize=dequantize)
     from .repl import run_one_shot, run_repl
 
     if prompt is not None:

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.cache import RotatingKVCache
-from mlx_lm.utils import _get_classes
+from mlx_lm.utils import _get_classes, dequantize_model
 
 from .stage import Stage, check_supported
 
@@ -194,7 +194,8 @@ def _quantize_like_checkpoint(model: nn.Module, config: dict, weights: dict) -> 
 
 
 def load_stage(path: Path, config: dict, layer_range: tuple[int, int], with_head: bool,
-               dtype: str | None = None, repo: str | None = None) -> Stage:
+               dtype: str | None = None, repo: str | None = None,
+               dequantize: bool = False) -> Stage:
     """Build the model lazily with mlx-lm's classes and materialize only this rank's share."""
     index = tensor_index(path, repo)
     names = index.share(layer_range, with_head)
@@ -241,6 +242,8 @@ def load_stage(path: Path, config: dict, layer_range: tuple[int, int], with_head
     if missing:
         raise ModelError(f"checkpoint in '{path}' lacks {len(missing)} tensors, e.g. {missing[0]}")
     model.load_weights([(n, w) for n, w in weights.items() if n in held], strict=False)
+    if dequantize:
+        _dequantize(stage)
     if dtype is not None:
         target = DTYPES[dtype]
         _cast_floats(stage, target)
@@ -270,6 +273,21 @@ def _held_parameters(stage: Stage) -> dict[str, mx.array]:
         for n, a in tree_flatten(module.parameters()):
             out[f"{prefix}.{n}"] = a
     return out
+
+
+def _dequantize(stage: Stage) -> None:
+    """Quantized layers back to dense ones (mlx-lm's dequantize_model on this rank's modules):
+    on a CPU, quantized matmuls are several times slower than float32 ones."""
+    holder = nn.Module()
+    holder.layers = stage.layers
+    for name in ("embed_tokens", "lm_head"):
+        if getattr(stage, name) is not None:
+            setattr(holder, name, getattr(stage, name))
+    dequantize_model(holder)
+    stage.layers = holder.layers
+    for name in ("embed_tokens", "lm_head"):
+        if name in holder:
+            setattr(stage, name, holder[name])
 
 
 def _cast_floats(stage: Stage, dtype) -> None:

@@ -40,6 +40,7 @@ class Options:
     dtype: str | None = None  # None: float32 on CPU, the checkpoint's dtype on a GPU
     verbose: bool = False
     prefill_chunk: int = 512
+    dequantize: bool | None = None  # None: only the embedded default model on a CPU
 
 
 class Log:
@@ -91,8 +92,11 @@ def start(opts: Options, comm=None):
         path = resolve_model(opts.model)
         config = read_config(path)
         log(f"loading layers {layer_range[0]}..{layer_range[1] - 1} from {path}")
+        dequantize = opts.dequantize
+        if dequantize is None:
+            dequantize = opts.model is None and blas.describe()[0] == "cpu"
         stage = load_stage(path, config, layer_range, with_head=rank == 0,
-                           dtype=opts.dtype, repo=plan["repo"])
+                           dtype=opts.dtype, repo=plan["repo"], dequantize=dequantize)
         weight_bytes = resident_bytes(stage)
         log(f"loaded {len(stage.loaded_names)} tensors, {weight_bytes / 2**20:.1f} MiB")
     except USER_ERRORS as e:

@@ -60,13 +60,16 @@ def model_dir(tmp_path_factory):
     return get
 
 
-def reference_tokens(path: Path, prompt_ids: list[int], n: int) -> list[int]:
+def reference_tokens(path: Path, prompt_ids: list[int], n: int, dequantize: bool = False) -> list[int]:
     """The oracle: greedy tokens of single-process mlx-lm on the same model and prompt."""
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.generate import generate_step
+    from mlx_lm.utils import dequantize_model
 
     model, _ = load(str(path))
+    if dequantize:
+        model = dequantize_model(model)
     steps = generate_step(mx.array(prompt_ids), model, max_tokens=n,
                           sampler=lambda logprobs: mx.argmax(logprobs, axis=-1))
     return [int(tok) for tok, _ in steps]

@@ -11,7 +11,7 @@ N_TOKENS = 24
 def check(np_, path, *extra):
     out = run_json(np_, "--model", str(path), "--prompt", PROMPT, "--no-chat", "--temp", "0",
                    "--max-tokens", str(N_TOKENS), "--ignore-eos", *extra)
-    expected = reference_tokens(path, out["prompt_ids"], N_TOKENS)
+    expected = reference_tokens(path, out["prompt_ids"], N_TOKENS, "--dequantize" in extra)
     assert out["tokens"] == expected
     assert len(set(expected)) > 3, "degenerate model output makes the oracle weak"
     return out
@@ -47,6 +47,10 @@ def test_pipelined_prefill_chunks(model_dir):
 
 def test_quantized_checkpoint(model_dir):
     check(2, model_dir("tiny-llama", quantize_bits=4))
+
+
+def test_dequantized_checkpoint(model_dir):
+    check(2, model_dir("tiny-llama", quantize_bits=4), "--dequantize")
 
 
 def test_sharded_checkpoint(model_dir):
