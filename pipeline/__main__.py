@@ -65,63 +65,104 @@ def _run(opts, body) -> None:
     driver.shutdown()
 
 
-@app.callback(invoke_without_command=True)
-def main(
-    ctx: typer.Context,
-    model: Optional[str] = typer.Option(
-        None, "--model", "-m",
-        help="Model folder, .gguf file or Hugging Face repo. Default: embedded SmolLM2-135M-Instruct."),
-    prompt: Optional[str] = typer.Option(
-        None, "--prompt", "-p", help="Generate once for this prompt and exit (else: chat REPL)."),
-    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", help="Tokens to generate at most."),
-    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 is greedy."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
-    min_p: float = typer.Option(0.0, "--min-p", help="Minimum probability relative to the top token."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt (chat mode)."),
-    chat: Optional[bool] = typer.Option(
-        None, "--chat/--no-chat", help="Apply the chat template [default: on if the tokenizer has one]."),
-    split: Optional[str] = typer.Option(
-        None, "--split", help="Layers per rank, e.g. 10,12,8 (must sum to the layer count)."),
-    dtype: Optional[str] = typer.Option(
-        None, "--dtype", help="Cast unquantized weights: float32, float16 or bfloat16 "
-        "[default: float32 on CPU, the checkpoint's on GPU]."),
-    prefill_chunk: int = typer.Option(
-        DEFAULT_PREFILL_CHUNK, "--prefill-chunk", help="Prompt tokens per pipelined prefill chunk."),
-    dequantize: Optional[bool] = typer.Option(
-        None, "--dequantize/--no-dequantize",
-        help="Expand quantized weights to dense ones at load (faster on CPU, more memory) "
-        "[default: only for the embedded model on CPU]."),
-    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate max-tokens even after EOS."),
-    as_json: bool = typer.Option(False, "--json", help="One-shot: print a JSON object with tokens and stats."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Per-rank logs on stderr."),
-):
-    """Chat with (or, with --prompt, run once) an LLM split by layers across MPI ranks."""
-    if ctx.invoked_subcommand is not None:
-        return
+# Options shared by the chat/one-shot entry and the batch command (mlx_lm's flag names).
+MODEL = typer.Option(None, "--model", "-m", help="Model folder, .gguf file or Hugging Face repo. "
+                     "Default: embedded SmolLM2-135M-Instruct.")
+MAX_TOKENS = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", help="Tokens to generate at most.")
+TEMP = typer.Option(0.0, "--temp", help="Sampling temperature; 0 is greedy.")
+TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1].")
+MIN_P = typer.Option(0.0, "--min-p", help="Minimum probability relative to the top token.")
+SEED = typer.Option(None, "--seed", help="Random seed for sampling.")
+SYSTEM = typer.Option(None, "--system", help="System prompt (chat mode).")
+CHAT = typer.Option(None, "--chat/--no-chat",
+                    help="Apply the chat template [default: on if the tokenizer has one].")
+SPLIT = typer.Option(None, "--split", help="Layers per rank, e.g. 10,12,8 (must sum to the layer count).")
+DTYPE = typer.Option(None, "--dtype", help="Cast unquantized weights: float32, float16 or bfloat16 "
+                     "[default: float32 on CPU, the checkpoint's on GPU].")
+PREFILL_CHUNK = typer.Option(DEFAULT_PREFILL_CHUNK, "--prefill-chunk",
+                             help="Prompt tokens per pipelined prefill chunk.")
+DEQUANTIZE = typer.Option(None, "--dequantize/--no-dequantize",
+                          help="Expand quantized weights to dense ones at load (faster on CPU, more "
+                          "memory) [default: only for the embedded model on CPU].")
+IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Generate max-tokens even after EOS.")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="Per-rank logs on stderr.")
+
+
+def _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling):
+    """Check what every rank can check alone, then the job's options."""
     from .load import default_dtype
     from .runtime import Options
 
-    sampling = Sampling(temp=temp, top_p=top_p, min_p=min_p, seed=seed,
-                        max_tokens=max_tokens, ignore_eos=ignore_eos)
     try:
         sampling.check()
     except ValueError as e:
         _fail(str(e))
-    if prompt is not None and not prompt.strip():
-        _fail("--prompt is empty: give some text")
     if dtype is not None and dtype not in DTYPE_NAMES:
         _fail(f"--dtype {dtype} is not one of {', '.join(DTYPE_NAMES)}")
     if prefill_chunk < 1:
         _fail("--prefill-chunk must be at least 1")
-    opts = Options(model=model, split=split, dtype=dtype or default_dtype(), verbose=verbose,
+    return Options(model=model, split=split, dtype=dtype or default_dtype(), verbose=verbose,
                    prefill_chunk=prefill_chunk, dequantize=dequantize)
+
+
+@app.callback(invoke_without_command=True)
+def main(
+    ctx: typer.Context,
+    model: Optional[str] = MODEL,
+    prompt: Optional[str] = typer.Option(
+        None, "--prompt", "-p", help="Generate once for this prompt and exit (else: chat REPL)."),
+    max_tokens: int = MAX_TOKENS, temp: float = TEMP, top_p: float = TOP_P, min_p: float = MIN_P,
+    seed: Optional[int] = SEED, system: Optional[str] = SYSTEM, chat: Optional[bool] = CHAT,
+    split: Optional[str] = SPLIT, dtype: Optional[str] = DTYPE, prefill_chunk: int = PREFILL_CHUNK,
+    dequantize: Optional[bool] = DEQUANTIZE, ignore_eos: bool = IGNORE_EOS,
+    as_json: bool = typer.Option(False, "--json", help="One-shot: print a JSON object with tokens and stats."),
+    verbose: bool = VERBOSE,
+):
+    """Chat with (or, with --prompt, run once) an LLM split by layers across MPI ranks."""
+    if ctx.invoked_subcommand is not None:
+        return
+    sampling = Sampling(temp=temp, top_p=top_p, min_p=min_p, seed=seed,
+                        max_tokens=max_tokens, ignore_eos=ignore_eos)
+    opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling)
+    if prompt is not None and not prompt.strip():
+        _fail("--prompt is empty: give some text")
     from .repl import run_one_shot, run_repl
 
     if prompt is not None:
         _run(opts, lambda d: run_one_shot(d, prompt, system, chat, sampling, as_json))
     else:
         _run(opts, lambda d: run_repl(d, system, chat, sampling))
+
+
+@app.command("batch")
+def batch_cmd(
+    prompts: Path = typer.Argument(..., help="Prompts: .txt (one per line) or .jsonl."),
+    out: Path = typer.Option(..., "--out", "-o", help="Results, one JSON line each (appended; "
+                             "ids already there are skipped, so a rerun resumes)."),
+    concurrency: int = typer.Option(8, "--concurrency", "-c", help="Sequences generated at once."),
+    model: Optional[str] = MODEL, max_tokens: int = MAX_TOKENS, temp: float = TEMP,
+    top_p: float = TOP_P, min_p: float = MIN_P, seed: Optional[int] = SEED,
+    system: Optional[str] = SYSTEM, chat: Optional[bool] = CHAT, split: Optional[str] = SPLIT,
+    dtype: Optional[str] = DTYPE, prefill_chunk: int = PREFILL_CHUNK,
+    dequantize: Optional[bool] = DEQUANTIZE, ignore_eos: bool = IGNORE_EOS,
+    verbose: bool = VERBOSE,
+):
+    """Run a file of prompts with micro-batched pipelining; results stream into OUT."""
+    from .batch import BatchFileError, Defaults, check_output, run_batch
+
+    sampling = Sampling(temp=temp, top_p=top_p, min_p=min_p, seed=seed,
+                        max_tokens=max_tokens, ignore_eos=ignore_eos)
+    opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling)
+    if concurrency < 1:
+        _fail("--concurrency must be at least 1")
+    try:
+        if not prompts.is_file():
+            raise BatchFileError(f"prompts file {prompts} does not exist")
+        check_output(out)
+    except BatchFileError as e:
+        _fail(str(e))
+    defaults = Defaults(sampling, system, chat)
+    _run(opts, lambda d: run_batch(d, prompts, out, defaults, concurrency))
 
 
 @app.command("make-model")

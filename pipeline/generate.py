@@ -20,8 +20,8 @@ from mlx_lm.sample_utils import make_sampler
 
 from .stage import Stage
 from .transport import (
-    FLAG_RETURN, OP_END, OP_FORWARD, Ring, gather_stats, reply_stats, send_request,
-    wait_request,
+    FLAG_RETURN, OP_END, OP_FILTER, OP_FORWARD, OP_JOIN, OP_OPEN, Message, Ring, gather_stats,
+    reply_stats, send_request, wait_request,
 )
 
 DEFAULT_MAX_TOKENS = 256
@@ -79,9 +79,44 @@ def rank_stats(stage: Stage, ring: Ring | None, weight_bytes: int) -> dict:
     }
 
 
+class CacheTable:
+    """A rank's KV caches by id: 0 is the conversation (REPL, one-shot); other ids are batch
+    micro-batches and sequences being prefilled before they join one. Every rank applies the
+    same control messages in the same (ring) order, so the tables stay alike."""
+
+    def __init__(self, stage: Stage):
+        self.stage, self.batches = stage, {}
+
+    def get(self, mb: int) -> list | None:
+        return None if mb == 0 else self.batches[mb]
+
+    def apply(self, msg: Message) -> None:
+        if msg.op == OP_OPEN:
+            self.batches[msg.mb] = self.stage.make_caches()
+        elif msg.op == OP_JOIN:
+            parts = [self.batches.pop(i) for i in msg.payload]
+            # mlx-lm's caches merge into their batch kind (KVCache -> BatchKVCache, ...)
+            joined = [parts[0][i].merge([p[i] for p in parts]) for i in range(len(parts[0]))]
+            if msg.mb in self.batches:
+                for mine, new in zip(self.batches[msg.mb], joined):
+                    mine.extend(new)
+            else:
+                self.batches[msg.mb] = joined
+        elif msg.op == OP_FILTER:
+            if msg.payload:
+                keep = mx.array(msg.payload)
+                for cache in self.batches[msg.mb]:
+                    cache.filter(keep)
+            else:
+                del self.batches[msg.mb]
+
+    def clear(self) -> None:
+        self.batches.clear()
+
+
 def serve(comm, stage: Stage, weight_bytes: int) -> None:
     """Ranks 1..N-1: run requests from rank 0 until told to quit."""
-    ring = Ring(comm)
+    ring, table = Ring(comm), CacheTable(stage)
     while True:
         request = wait_request(comm)
         op = request["op"]
@@ -90,17 +125,22 @@ def serve(comm, stage: Stage, weight_bytes: int) -> None:
         if op == "stats":
             reply_stats(comm, rank_stats(stage, ring, weight_bytes))
             continue
-        stage.trim_to(request["keep"])
-        while True:
-            op, flags, h = ring.recv()
-            if op == OP_END:
-                if not ring.is_last_stage:
-                    ring.send(OP_END)
+        if op == "run":
+            stage.trim_to(request["keep"])
+        while True:  # the request's messages, in ring order
+            msg = ring.recv()
+            if msg.op == OP_FORWARD:
+                msg.h = stage.forward(msg.h, table.get(msg.mb))
+                mx.eval(msg.h)
+                if not ring.is_last_stage or msg.flags & FLAG_RETURN:
+                    ring.send(msg)
+                continue
+            if not ring.is_last_stage:  # control messages go down the ring, not back to 0
+                ring.send(msg)
+            if msg.op == OP_END:
+                table.clear()
                 break
-            h = stage.forward(h)
-            mx.eval(h)
-            if not ring.is_last_stage or flags & FLAG_RETURN:
-                ring.send(OP_FORWARD, h, flags)
+            table.apply(msg)
     ring.close()
 
 
@@ -136,11 +176,10 @@ class Driver:
             mx.eval([c.state for c in self.stage.caches])
             return None
         mx.eval(h)
-        self.ring.send(OP_FORWARD, h, FLAG_RETURN if want_logits else 0)
+        self.ring.send(Message(OP_FORWARD, flags=FLAG_RETURN if want_logits else 0, h=h))
         if not want_logits:
             return None
-        _, _, h = self.ring.recv()
-        return self.stage.logits(h)
+        return self.stage.logits(self.ring.recv().h)
 
     def _reusable_prefix(self, prompt: list[int]) -> int:
         keep = min(_common_prefix(self.fed, prompt), len(prompt) - 1)
@@ -195,7 +234,7 @@ class Driver:
                     break
         finally:
             if self.ring is not None:
-                self.ring.send(OP_END)
+                self.ring.send(Message(OP_END))
         detok.finalize()
         if detok.last_segment:
             yield -1, detok.last_segment

@@ -111,12 +111,15 @@ class Stage:
         post = SUPPORTED_MODEL_TYPES.get(self.model_type)
         return post(self.args, h) if post else h
 
-    def forward(self, h: mx.array) -> mx.array:
-        """Run this stage's layers on h: [B, L, D], updating its caches."""
-        if not self.caches:
-            self.reset()
+    def forward(self, h: mx.array, caches: list | None = None) -> mx.array:
+        """Run this stage's layers on h: [B, L, D], updating `caches` (default: the
+        conversation's own caches)."""
+        if caches is None:
+            if not self.caches:
+                self.reset()
+            caches = self.caches
         window = getattr(self.args, "sliding_window", None)
-        for layer, cache in zip(self.layers, self.caches):
+        for layer, cache in zip(self.layers, caches):
             mask = create_attention_mask(
                 h, cache, window_size=window if _is_sliding(layer) else None
             )

@@ -12,6 +12,7 @@ Two kinds of traffic, on separate tags:
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -20,7 +21,11 @@ from mpi4py import MPI
 TAG_RING, TAG_REQ, TAG_STATS = 11, 12, 13
 
 # ring header ops
-OP_FORWARD, OP_END = 1, 2
+OP_FORWARD = 1  # activation for micro-batch `mb`: run the stage's layers on it
+OP_END = 2  # the current request is over
+OP_OPEN = 3  # new empty caches for id `mb` (a sequence about to be prefilled)
+OP_JOIN = 4  # merge the caches of the ids in the payload into micro-batch `mb`
+OP_FILTER = 5  # keep only the rows in the payload of micro-batch `mb`
 # ring header flags
 FLAG_RETURN = 1  # the last stage sends this activation back to rank 0
 
@@ -30,7 +35,16 @@ _WIRE = {  # mlx dtype -> (code, numpy dtype on the wire, view back)
     mx.bfloat16: (2, np.uint16, mx.bfloat16),  # numpy has no bfloat16: ship the bits
 }
 _FROM_CODE = {code: (np_dtype, view) for code, np_dtype, view in _WIRE.values()}
-_HEADER_LEN = 6  # op, flags, dtype code, B, L, D
+_HEADER_LEN = 7  # op, mb, flags, dtype code, B, L, D  (control ops: B = payload length)
+
+
+@dataclass
+class Message:
+    op: int
+    mb: int = 0
+    flags: int = 0
+    h: mx.array | None = None  # OP_FORWARD: [B, L, D]
+    payload: list[int] = field(default_factory=list)  # control ops
 
 
 class Ring:
@@ -53,37 +67,39 @@ class Ring:
             MPI.Request.Waitall(reqs)
         self._inflight.clear()
 
-    def send(self, op: int, h: mx.array | None = None, flags: int = 0) -> None:
-        """Post header (+ activation) to the next rank without waiting for delivery."""
+    def send(self, msg: Message) -> None:
+        """Post header (+ activation or payload) to the next rank without waiting for delivery."""
         self._complete_sends()
-        if h is None:
-            header = np.array([op, flags, 0, 0, 0, 0], dtype=np.int64)
-            self._inflight.append(([self.comm.Isend(header, self.next, TAG_RING)], header))
-            return
-        code, np_dtype, view = _WIRE[h.dtype]
-        wire = h.view(mx.uint16) if view is not None else h
-        buf = np.ascontiguousarray(wire)  # h: [B, L, D], evaluated
-        b, l, d = h.shape
-        header = np.array([op, flags, code, b, l, d], dtype=np.int64)
-        reqs = [
-            self.comm.Isend(header, self.next, TAG_RING),
-            self.comm.Isend(buf, self.next, TAG_RING),
-        ]
-        self._inflight.append((reqs, (header, buf)))
-        self.bytes_sent += buf.nbytes
+        if msg.h is None:
+            header = np.array([msg.op, msg.mb, msg.flags, 0, len(msg.payload), 0, 0], np.int64)
+            bufs = [header]
+            if msg.payload:
+                bufs.append(np.array(msg.payload, dtype=np.int64))
+        else:
+            code, _, view = _WIRE[msg.h.dtype]
+            wire = msg.h.view(mx.uint16) if view is not None else msg.h
+            buf = np.ascontiguousarray(wire)  # h: [B, L, D], evaluated
+            b, l, d = msg.h.shape
+            bufs = [np.array([msg.op, msg.mb, msg.flags, code, b, l, d], np.int64), buf]
+            self.bytes_sent += buf.nbytes
+        reqs = [self.comm.Isend(b, self.next, TAG_RING) for b in bufs]
+        self._inflight.append((reqs, bufs))
 
-    def recv(self) -> tuple[int, int, mx.array | None]:
-        """Blocking receive of (op, flags, activation) from the previous rank."""
+    def recv(self) -> Message:
+        """Blocking receive of the next message from the previous rank."""
         header = np.empty(_HEADER_LEN, dtype=np.int64)
         self.comm.Recv(header, self.prev, TAG_RING)
-        op, flags, code, b, l, d = (int(x) for x in header)
+        op, mb, flags, code, b, l, d = (int(x) for x in header)
         if op != OP_FORWARD:
-            return op, flags, None
+            payload = np.empty(b, dtype=np.int64)
+            if b:
+                self.comm.Recv(payload, self.prev, TAG_RING)
+            return Message(op, mb, flags, payload=payload.tolist())
         np_dtype, view = _FROM_CODE[code]
         buf = np.empty((b, l, d), dtype=np_dtype)
         self.comm.Recv(buf, self.prev, TAG_RING)
         h = mx.array(buf)
-        return op, flags, h.view(view) if view is not None else h
+        return Message(op, mb, flags, h=h.view(view) if view is not None else h)
 
     def close(self) -> None:
         self._complete_sends()
