@@ -165,6 +165,45 @@ def batch_cmd(
     _run(opts, lambda d: run_batch(d, prompts, out, defaults, concurrency))
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        _fail(f"{flag} '{text}' must be a comma-separated list of positive numbers")
+    return values
+
+
+@app.command("bench")
+def bench_cmd(
+    model: Optional[str] = MODEL,
+    prompt_tokens: str = typer.Option("128", "--prompt-tokens", help="Prompt lengths, e.g. 128,2048."),
+    gen_tokens: int = typer.Option(64, "--gen-tokens", help="Tokens generated per sequence."),
+    concurrency: str = typer.Option("1,8", "--concurrency", help="Sequences at once, e.g. 1,8,32."),
+    repeats: int = typer.Option(3, "--repeats"),
+    warmup: int = typer.Option(1, "--warmup"),
+    prefill_tokens: int = typer.Option(0, "--prefill-tokens",
+                                       help="Also time the prefill of one prompt this long."),
+    prefill_chunks: str = typer.Option("128,256,512", "--prefill-chunks",
+                                       help="Chunk sizes tried for that prefill."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
+    split: Optional[str] = SPLIT, dtype: Optional[str] = DTYPE,
+    dequantize: Optional[bool] = DEQUANTIZE, verbose: bool = VERBOSE,
+):
+    """Measure TTFT, decode and prefill throughput of this job (random prompts, EOS ignored)."""
+    from .bench import run_bench
+
+    opts = _options(model, split, dtype, verbose, DEFAULT_PREFILL_CHUNK, dequantize,
+                    Sampling(max_tokens=gen_tokens))
+    args = (_int_list(prompt_tokens, "--prompt-tokens"), gen_tokens,
+            _int_list(concurrency, "--concurrency"), repeats, warmup, prefill_tokens,
+            _int_list(prefill_chunks, "--prefill-chunks"), json_out)
+    if repeats < 1 or warmup < 0:
+        _fail("--repeats must be at least 1 and --warmup at least 0")
+    _run(opts, lambda d: run_bench(d, *args))
+
+
 @app.command("make-model")
 def make_model_cmd(
     out: Path = typer.Argument(..., help="Folder to write."),

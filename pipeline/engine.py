@@ -131,6 +131,7 @@ class Engine:
             in_flight = sum(1 for b in batches.values() if b)
             while in_flight:
                 mb, h = self._collect()
+                busy = time.perf_counter()
                 in_flight -= 1
                 batch = batches[mb]
                 logprobs = self.stage.logits(h)  # [B, V] (logits; argmax is the same)
@@ -160,6 +161,7 @@ class Engine:
                 if batch:
                     self._step(mb, batch)
                     in_flight += 1
+                self.stage.compute_s += time.perf_counter() - busy
         finally:
             self.table.clear()
             if self.driver.ring is not None:

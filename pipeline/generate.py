@@ -76,6 +76,8 @@ def rank_stats(stage: Stage, ring: Ring | None, weight_bytes: int) -> dict:
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_mlx_bytes": mx.get_peak_memory(),
         "bytes_sent": ring.bytes_sent if ring else 0,
+        "compute_s": round(stage.compute_s, 4),  # rank 0: its layers, the head and sampling
+        "wait_s": round(ring.wait_s, 4) if ring else 0.0,
     }
 
 
@@ -130,8 +132,10 @@ def serve(comm, stage: Stage, weight_bytes: int) -> None:
         while True:  # the request's messages, in ring order
             msg = ring.recv()
             if msg.op == OP_FORWARD:
+                start = time.perf_counter()
                 msg.h = stage.forward(msg.h, table.get(msg.mb))
                 mx.eval(msg.h)
+                stage.compute_s += time.perf_counter() - start
                 if not ring.is_last_stage or msg.flags & FLAG_RETURN:
                     ring.send(msg)
                 continue

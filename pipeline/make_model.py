@@ -73,6 +73,13 @@ PRESETS: dict[str, dict] = {
                          num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6,
                          rope_theta=1e6, max_position_embeddings=32768,
                          vocab_size=151936, tie_word_embeddings=True),
+    # ~209M parameters, qwen2-shaped (mlx-lm's own --pipeline mode supports qwen2): the
+    # benchmark model for throughput comparisons on CPU
+    "bench-qwen2-200m": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+                             hidden_size=1024, num_hidden_layers=16, intermediate_size=2816,
+                             num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6,
+                             rope_theta=1e6, max_position_embeddings=32768,
+                             vocab_size=32000, tie_word_embeddings=True),
     "llama-3.2-1b": dict(model_type="llama", architectures=["LlamaForCausalLM"],
                          hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64,

@@ -72,6 +72,7 @@ class Stage:
     caches: list = field(default_factory=list)
     loaded_names: list = field(default_factory=list)  # parameter names materialized here
     min_window: int | None = None  # smallest sliding window in the whole model, if any
+    compute_s: float = 0.0  # time spent running this stage (for per-stage figures)
 
     @property
     def has_head(self) -> bool:

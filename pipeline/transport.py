@@ -57,6 +57,7 @@ class Ring:
         self.prev = (self.rank - 1) % self.size
         self._inflight: list = []  # (requests, buffers kept alive until done)
         self.bytes_sent = 0
+        self.wait_s = 0.0  # time spent blocked in recv (idle, waiting for the previous stage)
 
     @property
     def is_last_stage(self) -> bool:
@@ -88,7 +89,9 @@ class Ring:
     def recv(self) -> Message:
         """Blocking receive of the next message from the previous rank."""
         header = np.empty(_HEADER_LEN, dtype=np.int64)
+        start = time.perf_counter()
         self.comm.Recv(header, self.prev, TAG_RING)
+        self.wait_s += time.perf_counter() - start
         op, mb, flags, code, b, l, d = (int(x) for x in header)
         if op != OP_FORWARD:
             payload = np.empty(b, dtype=np.int64)
