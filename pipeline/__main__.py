@@ -222,6 +222,50 @@ def make_model_cmd(
     print(path)
 
 
+@app.command("plan")
+def plan_cmd(
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="Model folder (config.json alone is enough), .gguf file or "
+        "Hugging Face repo. Default: embedded SmolLM2-135M-Instruct."),
+    hostfile: Optional[str] = typer.Option(
+        None, "--hostfile", help="OpenMPI hostfile; `# pipeline: mem=64G bw=273G` per line "
+        "declares (without mpirun) or caps (under mpirun) each host's memory."),
+    max_context: Optional[int] = typer.Option(
+        None, "--max-context", help="Tokens of KV cache to reserve [default: the model's "
+        "context length, else 8192]."),
+    memory_fraction: float = typer.Option(
+        0.8, "--memory-fraction", help="Share of each rank's memory the plan may use."),
+    split: Optional[str] = typer.Option(
+        None, "--split", help="Check these layers per rank instead of planning."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="Cast unquantized weights (as the run would) [default: float32 "
+        "on a measured CPU, else the checkpoint's]."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Show how the layers would be placed (no weights loaded); under mpirun, measured."""
+    from mpi4py import MPI
+
+    from .plan_cmd import run_plan
+
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        _fail(f"--dtype {dtype} is not one of {', '.join(DTYPE_NAMES)}")
+    raise typer.Exit(run_plan(model, hostfile, max_context, memory_fraction, as_json,
+                              MPI.COMM_WORLD, dtype=dtype, split=split))
+
+
+@app.command("doctor")
+def doctor_cmd(
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="Also check this model's files on every rank."),
+):
+    """Check every rank (under mpirun): versions, device, BLAS, memory, model files, links."""
+    from mpi4py import MPI
+
+    from .doctor import run_doctor
+
+    raise typer.Exit(run_doctor(model, MPI.COMM_WORLD))
+
+
 def main_entry() -> None:
     app(prog_name="pipeline")
 

@@ -1,0 +1,250 @@
+"""`mpirun ... python -m pipeline doctor [--model M]`: is this cluster ready to run a model?
+
+Every rank reports its host, Python and package versions, device and BLAS, memory, memory
+bandwidth and disk, and (with --model) the size and sha256 of config.json and of every
+weights file the model would load. Rank 0 compares them with its own, times a ping-pong
+over every ring link (a small and a 4 MiB message), prints one table and lists every
+problem; the exit code is 1 when there is any. Warnings (a slow BLAS, a slow link) do not
+fail it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import socket
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from . import blas
+from .cluster import Capacity, CapacityError, gather_capacities, measure_hops
+from .load import hub_repo
+from .placement import fmt_bytes
+
+PACKAGES = ("mlx", "mlx-lm", "mpi4py", "numpy")
+SMALL_MESSAGE, LARGE_MESSAGE = 8, 4 * 2**20
+SLOW_LINK = 100e6  # bytes/s: below 1 GbE, MPI probably uses the wrong interface
+EXIT_PROBLEMS = 1
+
+
+@dataclass
+class FileCheck:
+    name: str                 # relative to the model folder
+    size: int | None          # None: missing
+    sha256: str | None = None
+
+
+@dataclass
+class RankReport:
+    rank: int
+    host: str
+    python: str
+    packages: dict[str, str]
+    mpi_library: str
+    device: str
+    blas: str
+    reference_blas: bool
+    model_path: str | None = None
+    files: list[FileCheck] = field(default_factory=list)
+    model_problem: str | None = None
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "missing"
+    return versions
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_files(path: Path) -> list[str]:
+    """config.json and the weights files a rank would load from this folder."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weights = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+            weights = []
+        return ["config.json", index.name, *weights]
+    return ["config.json", *sorted(p.name for p in path.glob("*.safetensors"))]
+
+
+def check_model(spec: str, expected: list[str] = ()) -> tuple[str, list[FileCheck], str | None]:
+    """(path, files with size and sha256, problem) of the model as this rank sees it.
+    `expected`: rank 0's file names, checked here too (a file rank 1 lacks is missing)."""
+    path = Path(spec).expanduser()
+    if hub_repo(spec):
+        return spec, [], None  # each rank fetches only its own files when it loads
+    if path.is_file():  # a .gguf file
+        return str(path), [FileCheck(path.name, path.stat().st_size, _sha256(path))], None
+    if not path.is_dir():
+        return str(path), [], f"model folder {path} does not exist"
+    checks = []
+    names = list(expected) + [n for n in model_files(path) if n not in expected]
+    for name in names:
+        f = path / name
+        checks.append(FileCheck(name, f.stat().st_size, _sha256(f)) if f.is_file()
+                      else FileCheck(name, None))
+    return str(path), checks, None
+
+
+def collect(rank: int, model: str | None, expected: list[str] = ()) -> RankReport:
+    from mpi4py import MPI
+
+    device, blas_name, reference = blas.describe()
+    report = RankReport(rank, socket.gethostname(), platform.python_version(),
+                        package_versions(), MPI.Get_library_version().splitlines()[0].strip(),
+                        device, blas_name, reference)
+    if model is not None:
+        try:
+            report.model_path, report.files, report.model_problem = check_model(model, expected)
+        except OSError as e:
+            report.model_problem = f"cannot read the model files ({e})"
+    return report
+
+
+def find_problems(reports: list[RankReport], caps: list[Capacity] | None,
+                  hops_large) -> tuple[list[str], list[str]]:
+    """(problems, warnings), each naming the rank and host."""
+    problems, warnings = [], []
+    ref = reports[0]
+    ref_files = {f.name: f for f in ref.files}
+    for r in reports:
+        who = f"rank {r.rank} ({r.host})"
+        if r.rank != 0:
+            if r.python != ref.python:
+                problems.append(f"{who}: Python {r.python} differs from rank 0's {ref.python}")
+            for name, version in r.packages.items():
+                if version != ref.packages.get(name):
+                    problems.append(f"{who}: {name} {version} differs from rank 0's "
+                                    f"{ref.packages.get(name)}")
+            if r.mpi_library != ref.mpi_library:
+                problems.append(f"{who}: MPI library '{r.mpi_library}' differs from rank 0's "
+                                f"'{ref.mpi_library}'")
+        if r.reference_blas:
+            warnings.append(f"{who}: uses the {r.blas} (~30x slower): "
+                            f"apt-get install libopenblas0-pthread")
+        if r.model_problem:
+            problems.append(f"{who}: {r.model_problem}")
+        for f in r.files:
+            if f.size is None:
+                problems.append(f"{who}: {r.model_path}/{f.name} is missing")
+                continue
+            mine = ref_files.get(f.name)
+            if r.rank == 0 or mine is None or mine.size is None:
+                continue
+            if (f.size, f.sha256) != (mine.size, mine.sha256):
+                problems.append(f"{who}: {r.model_path}/{f.name} differs from rank 0's "
+                                f"({f.size} bytes, sha256 {f.sha256[:12]} vs {mine.size} "
+                                f"bytes, sha256 {mine.sha256[:12]})")
+        if r.rank != 0 and ref.files and not r.files and not r.model_problem:
+            problems.append(f"{who}: no model files where rank 0 has {len(ref.files)}")
+    for h in hops_large or []:
+        if h.bandwidth < SLOW_LINK:
+            warnings.append(f"link {h.src} -> {h.dst}: {h.bandwidth / 1e6:.3g} MB/s for 4 MiB "
+                            f"messages, slower than 1 GbE: is MPI on the fast interface "
+                            f"(PIPELINE_IFACE)?")
+    return problems, warnings
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s * 1e6:.3g} us" if s < 1e-3 else f"{s * 1e3:.3g} ms"
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def format_report(reports, caps, hops_small, hops_large, problems, warnings) -> str:
+    hosts = {r.host for r in reports}
+    lines = [f"pipeline doctor: {len(reports)} rank(s) on {len(hosts)} host(s); "
+             f"MPI: {reports[0].mpi_library.split(',')[0]}", ""]
+    rows = [("rank", "host", "python", *PACKAGES, "device", "BLAS", "memory free/total",
+             "bandwidth", "disk free", "model files")]
+    for r, c in zip(reports, caps or [None] * len(reports)):
+        memory = bw = disk = "?"
+        if c is not None:
+            free = fmt_bytes(c.available_memory) if c.available_memory is not None else "?"
+            memory = f"{free} / {fmt_bytes(c.total_memory)}"
+            bw = f"{c.bandwidth / 1e9:.3g} GB/s" if c.bandwidth else "?"
+            disk = fmt_bytes(c.disk_free) if c.disk_free is not None else "?"
+        present = [f for f in r.files if f.size is not None]
+        files = "-" if r.model_path is None else (
+            f"{len(present)}/{len(r.files)} ({fmt_bytes(sum(f.size for f in present))})"
+            if r.files else "not checked" if not r.model_problem else "missing")
+        rows.append((str(r.rank), r.host, r.python, *(r.packages.get(p, "?") for p in PACKAGES),
+                     f"{r.device} {c.device_name}" if c else r.device,
+                     r.blas.split(" (")[0], memory, bw, disk, files))
+    lines += _table(rows)
+    if hops_small:
+        lines.append("")
+        large = {(h.src, h.dst): h for h in hops_large or []}
+        rows = [("link", f"latency ({SMALL_MESSAGE} B, one way)",
+                 f"bandwidth ({LARGE_MESSAGE // 2**20} MiB)")]
+        for h in hops_small:
+            big = large.get((h.src, h.dst))
+            rows.append((f"{h.src} -> {h.dst}", _fmt_seconds(h.one_way_s),
+                         f"{big.bandwidth / 1e9:.3g} GB/s" if big else "?"))
+        lines += _table(rows)
+    model = reports[0].model_path
+    if model is not None:
+        lines.append("")
+        lines.append(f"model: {model} ({', '.join(f.name for f in reports[0].files) or 'no files'};"
+                     f" sizes and sha256 compared with rank 0's)" if reports[0].files
+                     else f"model: {model} (files not compared: "
+                     + ("fetched per rank from the hub)" if hub_repo(model) else "none found)"))
+    else:
+        lines += ["", "model: not checked (give --model)"]
+    for title, items in (("warnings", warnings), ("problems", problems)):
+        if items:
+            lines += ["", f"{title}:", *(f"  - {x}" for x in items)]
+    lines += ["", f"doctor: {len(problems)} problem(s)" if problems else "doctor: no problems"]
+    return "\n".join(lines)
+
+
+def run_doctor(model: str | None, comm, out=None) -> int:
+    """Check every rank of `comm` (collective); rank 0 prints. Returns the exit code,
+    the same on every rank: 0, or 1 when there is a problem."""
+    out = out or sys.stdout
+    rank = comm.Get_rank()
+    caps, cap_error = None, None
+    try:
+        caps = gather_capacities(comm, model)
+    except CapacityError as e:
+        cap_error = str(e)
+    expected = None
+    if rank == 0 and model is not None and Path(model).expanduser().is_dir():
+        expected = model_files(Path(model).expanduser())
+    expected = comm.bcast(expected, root=0) or []
+    try:
+        report = collect(rank, model, expected)
+    except Exception as e:  # reported as this rank's problem; no rank is left waiting
+        report = RankReport(rank, socket.gethostname(), platform.python_version(), {}, "?",
+                            "?", "?", False, model_problem=f"doctor failed here: "
+                            f"{type(e).__name__}: {e}")
+    reports = comm.gather(report, root=0)
+    hops_small = measure_hops(comm, SMALL_MESSAGE, reps=50)
+    hops_large = measure_hops(comm, LARGE_MESSAGE, reps=10)
+    code = 0
+    if rank == 0:
+        problems, warnings = find_problems(reports, caps, hops_large)
+        if cap_error:
+            problems.append(cap_error)
+        print(format_report(reports, caps, hops_small, hops_large, problems, warnings),
+              file=out, flush=True)
+        code = EXIT_PROBLEMS if problems else 0
+    return comm.bcast(code, root=0)

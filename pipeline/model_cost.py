@@ -1,0 +1,169 @@
+"""What a model needs, per layer, without loading any weight: the planner's input.
+
+With safetensors present the bytes come from their headers (exact). A folder holding only
+config.json is sized from the shapes its architecture implies: mlx-lm's own model class is
+built lazily (no array is ever evaluated) and quantized like the config says, so biases,
+fused projections, q/k norms and quantization scales are all counted the way mlx-lm lays
+them out. The KV cache per token and sliding windows come from the same model's caches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import RotatingKVCache
+from mlx_lm.utils import _get_classes
+
+from .load import ModelError, _safetensors_header, layer_of, tensor_index
+from .placement import DEFAULT_MAX_CONTEXT, ModelCost
+
+ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_HEADER_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_FLOAT_HEADER_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+DEFAULT_CHECKPOINT_DTYPE = "float16"  # what most published checkpoints hold
+
+
+def default_max_context(config: dict) -> int:
+    """The model's context length, or DEFAULT_MAX_CONTEXT when the config does not say."""
+    value = config.get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else DEFAULT_MAX_CONTEXT
+
+
+def config_dtype(config: dict) -> str:
+    name = str(config.get("torch_dtype") or config.get("dtype") or "").replace("torch.", "")
+    return name if name in ELEMENT_BYTES else DEFAULT_CHECKPOINT_DTYPE
+
+
+def _lazy_model(config: dict) -> nn.Module:
+    model_class, args_class = _get_classes(config)
+    return model_class(args_class.from_dict(config))  # parameters stay unevaluated
+
+
+def _quantize(model: nn.Module, quantization: dict) -> None:
+    group_size = quantization.get("group_size", 64)
+    own = getattr(model, "quant_predicate", None)
+
+    def predicate(path, module):
+        if path in quantization:  # per-layer override written by mlx_lm.convert
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
+            return False
+        return own(path, module) if own is not None else True
+
+    nn.quantize(model, group_size=group_size, bits=quantization["bits"],
+                mode=quantization.get("mode", "affine"), class_predicate=predicate)
+
+
+def _kv_layout(model: nn.Module, config: dict, element_bytes: int):
+    """(bytes per token per layer, sliding window per layer) of the model's KV caches."""
+    args = model.args
+    heads = args.num_attention_heads
+    kv_heads = getattr(args, "num_key_value_heads", None) or heads
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
+    n = config["num_hidden_layers"]
+    caches = model.make_cache() if hasattr(model, "make_cache") else [None] * n
+    windows = tuple(c.max_size if isinstance(c, RotatingKVCache) else None for c in caches)
+    return (2 * kv_heads * head_dim * element_bytes,) * n, windows
+
+
+def config_cost(config: dict, dtype: str | None = None,
+                quantization: dict | None | bool = True) -> ModelCost:
+    """Per-layer bytes from the architecture's shapes alone.
+
+    dtype: the floating dtype weights are held in (default: the config's, else float16).
+    quantization: True = as the config says; a dict {"bits", "group_size"} = as if
+    quantized so; None/False = unquantized.
+    """
+    dtype = dtype or config_dtype(config)
+    if quantization is True:
+        quantization = config.get("quantization") or config.get("quantization_config")
+    model = _lazy_model(config)
+    if quantization and "bits" in quantization:
+        _quantize(model, quantization)
+    tied = getattr(model.args, "tie_word_embeddings", True)
+    n = config["num_hidden_layers"]
+    per_layer, head = [0] * n, 0
+    for name, a in tree_flatten(model.parameters()):
+        if tied and name.startswith("lm_head."):
+            continue  # the embedding doubles as the head
+        size = a.size * ELEMENT_BYTES[dtype] if mx.issubdtype(a.dtype, mx.floating) else a.nbytes
+        i = layer_of(name)
+        if i is None:
+            head += size
+        else:
+            per_layer[i] += size
+    kv, windows = _kv_layout(model, config, ELEMENT_BYTES[dtype])
+    what = f"{quantization['bits']}-bit" if quantization and "bits" in quantization else dtype
+    return ModelCost(tuple(per_layer), head, kv, windows,
+                     hidden_bytes=config["hidden_size"] * ELEMENT_BYTES[dtype], dtype=dtype,
+                     description=f"{_summary(config, tied)}, {what} (from config.json shapes)")
+
+
+def _summary(config: dict, tied: bool) -> str:
+    return (f"{config['model_type']} {config['num_hidden_layers']} layers, hidden "
+            f"{config['hidden_size']}, vocab {config.get('vocab_size')}, "
+            f"{'tied' if tied else 'separate'} head")
+
+
+def _checkpoint_cost(path: Path, config: dict, dtype: str | None) -> ModelCost | None:
+    """Per-layer bytes from the safetensors headers; None when the weights are not here."""
+    try:
+        index = tensor_index(path)
+    except ModelError:
+        if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists():
+            raise  # weights that are there but unreadable: say so
+        return None
+    n = config["num_hidden_layers"]
+    per_layer, head = index.layer_bytes(n)
+    headers = {}
+    for f in sorted(set(index.file_of.values())):
+        if (path / f).exists():
+            headers.update(_safetensors_header(path / f))
+    if set(index.file_of) - set(headers):
+        return None  # shards not downloaded yet: sizes unknown
+    held = config_dtype(config)
+    for name in ("model.embed_tokens.scales", "model.embed_tokens.weight"):
+        if name in headers and headers[name]["dtype"] in _HEADER_DTYPES:
+            held = _HEADER_DTYPES[headers[name]["dtype"]]
+            break
+    if dtype is not None:  # the runtime casts floating tensors (e.g. to float32 on CPU)
+        per_layer, head = [0] * n, 0
+        for name, info in headers.items():
+            nbytes = index.nbytes[name]
+            if info["dtype"] in _FLOAT_HEADER_BYTES:
+                nbytes = nbytes // _FLOAT_HEADER_BYTES[info["dtype"]] * ELEMENT_BYTES[dtype]
+            i = layer_of(name)
+            if i is None:
+                head += nbytes
+            elif i < n:
+                per_layer[i] += nbytes
+        held = dtype
+    model = _lazy_model(config)
+    tied = getattr(model.args, "tie_word_embeddings", True)
+    kv, windows = _kv_layout(model, config, ELEMENT_BYTES[held])
+    q = config.get("quantization") or {}
+    what = f"{q['bits']}-bit" if "bits" in q else held
+    return ModelCost(tuple(per_layer), head, kv, windows,
+                     hidden_bytes=config["hidden_size"] * ELEMENT_BYTES[held], dtype=held,
+                     description=f"{_summary(config, tied)}, {what} (from safetensors headers)")
+
+
+def model_cost(path: Path, config: dict, dtype: str | None = None) -> ModelCost:
+    """The model's cost from its weights' headers, or from config.json when there are none.
+
+    dtype: what the runtime casts floating weights to (its --dtype), None = as stored.
+    """
+    return _checkpoint_cost(path, config, dtype) or config_cost(config, dtype)
+
+
+def quantized_alternatives(config: dict, dtype: str | None = None) -> list[tuple[str, ModelCost]]:
+    """Smaller variants to suggest when a model does not fit: 8-bit and 4-bit, as
+    mlx_lm.convert -q would make them (group size 64). dtype: of scales and the rest."""
+    q = config.get("quantization") or {}
+    bits_now = q.get("bits", 16)
+    return [(f"{'an' if bits == 8 else 'a'} {bits}-bit quantized variant",
+             config_cost(config, dtype, {"bits": bits, "group_size": 64}))
+            for bits in (8, 4) if bits < bits_now]

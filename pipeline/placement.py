@@ -1,0 +1,331 @@
+"""Pure placement: which contiguous layers each rank runs, from model costs and capacities.
+
+Decoding one sequence runs the stages one after another and reads every weight once per
+token, so
+
+    per-token time ~ sum_i weight_bytes_i / bandwidth_i + sum of hop times.
+
+`plan_layers` minimizes that subject to every rank fitting weights + KV cache for
+`max_context` tokens + headroom into its usable memory (`memory_fraction` of its memory,
+capped by a device limit). Rank 0 also holds the embedding, final norm and head. Ties
+(equal bandwidths, or bandwidth unknown) go to the split with the lowest peak memory use
+relative to each rank's usable memory: a memory-proportional split. When nothing fits,
+`PlanError` says which ranks are short by how much and what would fit instead.
+No MPI, no MLX: plain numbers in, plain numbers out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+
+from .plan import SplitError, check_rank_count, layer_ranges
+
+DEFAULT_MEMORY_FRACTION = 0.8
+DEFAULT_MAX_CONTEXT = 8192  # when the config does not say
+HEADROOM_BYTES = 256 * 2**20  # per rank: runtime, activations of a prefill chunk, MPI buffers
+DEFAULT_HOP_LATENCY_S = 0.25e-3  # one-way TCP over Thunderbolt or Ethernet, per token
+DEFAULT_LINK_BANDWIDTH = 1.25e9  # bytes/s (10 Gbit/s) for a hidden state on the wire
+GiB = 2**30
+
+
+class PlanError(SplitError):
+    """No split fits (or a given split does not); the message says what would."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """One rank as the planner sees it."""
+
+    rank: int
+    host: str
+    memory_bytes: int               # this rank's memory (its share of the host's, after caps)
+    bandwidth: float | None = None  # memory bandwidth, bytes/s; None: unknown
+    limit_bytes: int | None = None  # hard cap besides the fraction (e.g. a GPU working set)
+
+    def usable(self, memory_fraction: float) -> int:
+        usable = int(self.memory_bytes * memory_fraction)
+        return usable if self.limit_bytes is None else min(usable, self.limit_bytes)
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """What a model needs, per transformer block and for rank 0's extras."""
+
+    layer_bytes: tuple[int, ...]              # weights of each block
+    head_bytes: int                           # embedding + final norm + head (tied: once)
+    kv_token_bytes: tuple[int, ...]           # per block, per cached token: keys + values
+    kv_window: tuple[int | None, ...] = ()    # per block: sliding window, None = whole context
+    hidden_bytes: int = 0                     # one token's hidden state on the wire
+    dtype: str = ""                           # floating dtype held (KV cache, activations)
+    description: str = ""
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_bytes)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.layer_bytes) + self.head_bytes
+
+    def kv_bytes(self, context: int) -> list[int]:
+        """KV cache bytes of each block holding `context` tokens."""
+        windows = self.kv_window or (None,) * self.num_layers
+        return [b * (context if w is None else min(context, w))
+                for b, w in zip(self.kv_token_bytes, windows)]
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    host: str
+    layer_range: tuple[int, int]
+    weight_bytes: int
+    kv_bytes: int
+    headroom_bytes: int
+    memory_bytes: int
+    usable_bytes: int
+    bandwidth: float | None
+    est_ms_per_token: float | None  # its layers (and rank 0's head) plus its outgoing hop
+
+    @property
+    def layers(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+    @property
+    def need_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.headroom_bytes
+
+    def to_json(self) -> dict:
+        return {"rank": self.rank, "host": self.host, "layers": self.layers,
+                "layer_range": list(self.layer_range), "weight_bytes": self.weight_bytes,
+                "kv_bytes": self.kv_bytes, "memory_bytes": self.memory_bytes,
+                "est_ms_per_token": _round(self.est_ms_per_token),
+                "headroom_bytes": self.headroom_bytes, "need_bytes": self.need_bytes,
+                "usable_bytes": self.usable_bytes, "bandwidth_bytes_per_s": self.bandwidth}
+
+
+@dataclass
+class Plan:
+    ranks: list[RankPlan]
+    max_context: int
+    memory_fraction: float
+    hop_ms: float  # all hops of one token round the ring
+
+    @property
+    def split(self) -> list[int]:
+        return [r.layers for r in self.ranks]
+
+    @property
+    def bandwidth_known(self) -> bool:
+        return all(r.est_ms_per_token is not None for r in self.ranks)
+
+    @property
+    def est_ms_per_token(self) -> float | None:
+        return sum(r.est_ms_per_token for r in self.ranks) if self.bandwidth_known else None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        ms = self.est_ms_per_token
+        return 1000.0 / ms if ms else None
+
+    def to_json(self) -> dict:
+        return {"ranks": [r.to_json() for r in self.ranks], "split": self.split,
+                "max_context": self.max_context, "memory_fraction": self.memory_fraction,
+                "weight_bytes": sum(r.weight_bytes for r in self.ranks),
+                "kv_bytes": sum(r.kv_bytes for r in self.ranks),
+                "hop_ms": _round(self.hop_ms),
+                "est_ms_per_token": _round(self.est_ms_per_token),
+                "tokens_per_s_bound": _round(self.tokens_per_s)}
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def hop_seconds(hidden_bytes: int, latency_s: float = DEFAULT_HOP_LATENCY_S,
+                link_bandwidth: float = DEFAULT_LINK_BANDWIDTH) -> float:
+    """Assumed time of one hop of one token's hidden state, when not measured."""
+    return latency_s + hidden_bytes / link_bandwidth
+
+
+def _search(cost: ModelCost, nodes: list[Node], context: int, memory_fraction: float,
+            headroom: int, use_time: bool, enforce: bool) -> list[int] | None:
+    """Dynamic programming over (ranks, layers) for a contiguous split, or None.
+
+    Key per partial split: (time, peak memory use / usable, sum of squared uses), compared
+    in that order. Each term only grows as ranks are added, so keeping the smallest key per
+    state is optimal. Time is integer (bytes x femtoseconds per byte) so that equal
+    bandwidths give exactly equal times and the memory terms decide.
+    """
+    n, size = cost.num_layers, len(nodes)
+    wsum = [0, *accumulate(cost.layer_bytes)]
+    ksum = [0, *accumulate(cost.kv_bytes(context))]
+    known = use_time and all(node.bandwidth for node in nodes)
+    fs_per_byte = [round(1e15 / node.bandwidth) if known else 0 for node in nodes]
+    usable = [node.usable(memory_fraction) for node in nodes]
+    best: list[list[tuple | None]] = [[None] * (n + 1) for _ in range(size + 1)]
+    cut = [[0] * (n + 1) for _ in range(size + 1)]
+    best[0][0] = (0, 0.0, 0.0)
+    for r in range(1, size + 1):
+        extra = cost.head_bytes if r == 1 else 0
+        cap = usable[r - 1]
+        for i in range(r, n - (size - r) + 1):
+            for j in range(i - 1, r - 2, -1):  # growing slice [j, i): need only grows
+                weights = wsum[i] - wsum[j] + extra
+                need = weights + ksum[i] - ksum[j] + headroom
+                if enforce and need > cap:
+                    break
+                prev = best[r - 1][j]
+                if prev is None:
+                    continue
+                use = need / cap if cap > 0 else float("inf")
+                key = (prev[0] + weights * fs_per_byte[r - 1], max(prev[1], use),
+                       prev[2] + use * use)
+                if best[r][i] is None or key < best[r][i]:
+                    best[r][i], cut[r][i] = key, j
+    if best[size][n] is None:
+        return None
+    split, i = [], n
+    for r in range(size, 0, -1):
+        j = cut[r][i]
+        split.append(i - j)
+        i = j
+    return split[::-1]
+
+
+def describe_split(cost: ModelCost, nodes: list[Node], split: list[int], max_context: int,
+                   memory_fraction: float = DEFAULT_MEMORY_FRACTION,
+                   headroom_bytes: int = HEADROOM_BYTES,
+                   hops: float | list[float] = 0.0) -> Plan:
+    """The figures of `split` on `nodes` (no fitting check). `hops`: seconds of each rank's
+    outgoing hop per token (one number: the same for every hop)."""
+    size = len(nodes)
+    if size == 1:
+        hops = [0.0]
+    elif not isinstance(hops, list):
+        hops = [float(hops)] * size
+    kv = cost.kv_bytes(max_context)
+    known = all(node.bandwidth for node in nodes)
+    ranks = []
+    for node, (start, end), hop in zip(nodes, layer_ranges(split), hops):
+        weights = sum(cost.layer_bytes[start:end]) + (cost.head_bytes if node.rank == 0 else 0)
+        ms = (weights / node.bandwidth + hop) * 1e3 if known else None
+        ranks.append(RankPlan(rank=node.rank, host=node.host, layer_range=(start, end),
+                              weight_bytes=weights, kv_bytes=sum(kv[start:end]),
+                              headroom_bytes=headroom_bytes, memory_bytes=node.memory_bytes,
+                              usable_bytes=node.usable(memory_fraction),
+                              bandwidth=node.bandwidth, est_ms_per_token=ms))
+    return Plan(ranks, max_context, memory_fraction, hop_ms=sum(hops) * 1e3)
+
+
+def plan_layers(cost: ModelCost, nodes: list[Node], max_context: int, *,
+                memory_fraction: float = DEFAULT_MEMORY_FRACTION,
+                headroom_bytes: int = HEADROOM_BYTES, hops: float | list[float] = 0.0,
+                alternatives: list[tuple[str, ModelCost]] = ()) -> Plan:
+    """Layers per rank minimizing the per-token time, every rank within its memory.
+
+    `nodes` are in rank order (rank 0 first: it holds the head). `alternatives` are other
+    variants of the model (label, cost), e.g. ("a 4-bit quantized variant", cost4): named
+    in the error when they would fit and this one does not. Raises PlanError.
+    """
+    _check(cost, nodes, max_context, memory_fraction)
+    split = _search(cost, nodes, max_context, memory_fraction, headroom_bytes,
+                    use_time=True, enforce=True)
+    if split is None:
+        raise PlanError(_explain(cost, nodes, max_context, memory_fraction, headroom_bytes,
+                                 alternatives))
+    return describe_split(cost, nodes, split, max_context, memory_fraction, headroom_bytes, hops)
+
+
+def check_split(cost: ModelCost, nodes: list[Node], split: list[int], max_context: int, *,
+                memory_fraction: float = DEFAULT_MEMORY_FRACTION,
+                headroom_bytes: int = HEADROOM_BYTES,
+                hops: float | list[float] = 0.0) -> Plan:
+    """The plan of a user's `--split`; PlanError when a rank would not fit."""
+    _check(cost, nodes, max_context, memory_fraction)
+    plan = describe_split(cost, nodes, split, max_context, memory_fraction, headroom_bytes, hops)
+    short = [_shortfall(r) for r in plan.ranks if r.need_bytes > r.usable_bytes]
+    if short:
+        raise PlanError(f"--split {','.join(map(str, split))} does not fit at --max-context "
+                        f"{max_context} and --memory-fraction {memory_fraction:g}:\n  "
+                        + "\n  ".join(short))
+    return plan
+
+
+def _check(cost: ModelCost, nodes: list[Node], max_context: int, fraction: float) -> None:
+    check_rank_count(cost.num_layers, len(nodes))
+    if not 0 < fraction <= 1:
+        raise PlanError(f"--memory-fraction {fraction:g} must be in (0, 1]")
+    if max_context < 1:
+        raise PlanError(f"--max-context {max_context} must be at least 1 token")
+
+
+def fmt_bytes(n: float) -> str:
+    """Binary units, 3 significant digits: 1.5 GiB, 640 KiB, 12 B."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            v = n / scale
+            return f"{v:.3g} {unit}" if v < 1000 else f"{v:.0f} {unit}"
+    return f"{int(n)} B"
+
+
+def _shortfall(r: RankPlan) -> str:
+    return (f"rank {r.rank} ({r.host}) needs {fmt_bytes(r.need_bytes)} (weights "
+            f"{fmt_bytes(r.weight_bytes)}, KV cache {fmt_bytes(r.kv_bytes)}, headroom "
+            f"{fmt_bytes(r.headroom_bytes)}) but has {fmt_bytes(r.usable_bytes)} usable of "
+            f"{fmt_bytes(r.memory_bytes)}: short by {fmt_bytes(r.need_bytes - r.usable_bytes)}")
+
+
+def _fits(cost, nodes, context, fraction, headroom) -> bool:
+    if len(nodes) > cost.num_layers:
+        return False
+    return _search(cost, nodes, context, fraction, headroom, False, True) is not None
+
+
+def _explain(cost, nodes, context, fraction, headroom, alternatives) -> str:
+    split = _search(cost, nodes, context, fraction, headroom, use_time=False, enforce=False)
+    plan = describe_split(cost, nodes, split, context, fraction, headroom)
+    total_need = sum(r.need_bytes for r in plan.ranks)
+    total_usable = sum(r.usable_bytes for r in plan.ranks)
+    lines = [f"the model does not fit at --max-context {context} and --memory-fraction "
+             f"{fraction:g}: it needs {fmt_bytes(total_need)} (weights "
+             f"{fmt_bytes(cost.weight_bytes)}), the {len(nodes)} rank(s) have "
+             f"{fmt_bytes(total_usable)} usable; the most even split {split} leaves"]
+    lines += [_shortfall(r) for r in plan.ranks if r.need_bytes > r.usable_bytes]
+    fixes = []
+    if _fits(cost, nodes, 1, fraction, headroom):
+        lo, hi = 1, context  # lo fits, hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if _fits(cost, nodes, mid, fraction, headroom) else (lo, mid)
+        fixes.append(f"--max-context {lo - lo % 256 if lo >= 256 else lo}")
+    for label, alt in alternatives:
+        if _fits(alt, nodes, context, fraction, headroom):
+            fixes.append(f"{label} ({fmt_bytes(alt.weight_bytes)} of weights)")
+    extra = _extra_node_memory(cost, nodes, context, fraction, headroom)
+    if extra is not None:
+        fixes.append(f"one more node with at least {extra} GiB of memory "
+                     f"(at --memory-fraction {fraction:g})")
+    if fixes:
+        lines.append("what would fit: " + "; ".join(fixes))
+    else:
+        lines.append("neither fewer context tokens, a quantized variant nor one more node "
+                     "would fit: use a smaller model or several more nodes")
+    return "\n  ".join(lines)
+
+
+def _extra_node_memory(cost, nodes, context, fraction, headroom) -> int | None:
+    """Whole GiB of memory a node appended to the ring needs for the model to fit."""
+    def with_extra(gib: int) -> list[Node]:
+        return [*nodes, Node(len(nodes), "new", gib * GiB)]
+
+    hi = -(-(cost.weight_bytes + sum(cost.kv_bytes(context))) // GiB) * 2 + 2
+    hi = int(hi / fraction) + 1
+    if not _fits(cost, with_extra(hi), context, fraction, headroom):
+        return None
+    lo = 0  # does not fit (it did not without the node)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _fits(cost, with_extra(mid), context, fraction, headroom) else (mid, hi)
+    return hi

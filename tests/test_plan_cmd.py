@@ -1,0 +1,163 @@
+"""`python -m pipeline plan`: from declared capacities (no mpirun) and measured ones (mpirun)."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import MPIRUN, ROOT, mpi_env, run_pipeline
+
+GiB = 2**30
+LLAMA_70B_4BIT = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=8192,
+                      num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64,
+                      num_key_value_heads=8, rms_norm_eps=1e-5, vocab_size=128256,
+                      rope_theta=5e5, max_position_embeddings=131072, torch_dtype="bfloat16",
+                      tie_word_embeddings=False, quantization={"group_size": 64, "bits": 4})
+
+
+@pytest.fixture
+def config_only_70b(tmp_path):
+    """A folder holding only config.json: planning needs no weights."""
+    folder = tmp_path / "llama-70b-4bit"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA_70B_4BIT))
+    return folder
+
+
+def plan_json(np_, *args):
+    proc = run_pipeline(np_, "plan", *args, "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def check_ranges(doc, num_layers):
+    ranks = doc["ranks"]
+    assert [r["rank"] for r in ranks] == list(range(len(ranks)))
+    assert ranks[0]["layer_range"][0] == 0 and ranks[-1]["layer_range"][1] == num_layers
+    for a, b in zip(ranks, ranks[1:]):
+        assert a["layer_range"][1] == b["layer_range"][0]
+    for r in ranks:
+        assert r["layers"] == r["layer_range"][1] - r["layer_range"][0] >= 1
+        assert r["weight_bytes"] + r["kv_bytes"] + r["headroom_bytes"] <= r["usable_bytes"]
+
+
+def test_table_from_config_and_tb4(config_only_70b):
+    proc = run_pipeline(0, "plan", "--model", str(config_only_70b), "--hostfile", "hostfiles/tb4",
+                        "--max-context", "8192", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "llama 80 layers, hidden 8192, vocab 128256, separate head, 4-bit" in out
+    assert "from config.json shapes" in out and "declared in hostfiles/tb4" in out
+    assert "max context 8192 tokens, memory fraction 0.8" in out
+    rows = {line.split()[0]: line for line in out.splitlines()
+            if line.strip() and line.split()[0] in {"0", "1", "2", "total"}}
+    assert "192.168.1.1 (Mac mini (hub), M4 Pro)" in rows["0"] and "273 GB/s" in rows["0"]
+    assert "192.168.1.20 (MacBook Pro, M4 Max)" in rows["1"] and "128 GiB" in rows["1"]
+    assert "192.168.1.30 (Mac Studio, M2 Ultra)" in rows["2"] and "800 GB/s" in rows["2"]
+    assert rows["total"].split()[1] == "80"  # every layer placed
+    assert "2.5 GiB" in rows["total"]  # KV: 2 x 80 layers x 8 heads x 128 x 2 bytes x 8192
+    assert "tokens/s bound:" in out
+
+
+def test_json_from_config_and_tb4(config_only_70b):
+    doc = plan_json(0, "--model", str(config_only_70b), "--hostfile", "hostfiles/tb4",
+                    "--max-context", "8192")
+    check_ranges(doc, 80)
+    ranks = doc["ranks"]
+    assert [r["host"] for r in ranks] == ["192.168.1.1", "192.168.1.20", "192.168.1.30"]
+    assert [r["memory_bytes"] // GiB for r in ranks] == [64, 128, 192]
+    assert sum(r["kv_bytes"] for r in ranks) == 2 * 80 * 8 * 128 * 2 * 8192
+    # the M2 Ultra (800 GB/s) reads the most layers; rank 0 also holds the head
+    assert ranks[2]["layers"] == max(r["layers"] for r in ranks)
+    assert ranks[0]["weight_bytes"] > doc["model"]["head_bytes"]
+    assert doc["tokens_per_s_bound"] == pytest.approx(1000 / doc["est_ms_per_token"], rel=1e-3)
+    assert doc["est_ms_per_token"] == pytest.approx(
+        sum(r["est_ms_per_token"] for r in ranks), rel=1e-3)
+    assert doc["hops"] == "assumed" and doc["split"] == [r["layers"] for r in ranks]
+
+
+def test_config_only_plans_like_the_weights(model_dir, tmp_path):
+    path = model_dir("tiny-llama")
+    (tmp_path / "config.json").write_text(
+        json.dumps(dict(json.loads((path / "config.json").read_text()), torch_dtype="float32")))
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=1 # pipeline: mem=1G\nb slots=2 # pipeline: mem=2G bw=10G\n")
+    with_weights = plan_json(0, "--model", str(path), "--hostfile", str(hostfile))
+    config_only = plan_json(0, "--model", str(tmp_path), "--hostfile", str(hostfile))
+    assert "safetensors" in with_weights["model"]["description"]
+    assert "config.json" in config_only["model"]["description"]
+    assert with_weights["ranks"] == config_only["ranks"]
+    assert [r["memory_bytes"] for r in config_only["ranks"]] == [GiB, GiB, GiB]
+    assert config_only["est_ms_per_token"] is None  # host a declares no bandwidth
+    check_ranges(config_only, 7)
+
+
+def test_does_not_fit(config_only_70b, tmp_path):
+    hostfile = tmp_path / "small"
+    hostfile.write_text("m1 slots=1 # pipeline: mem=24G bw=100G\nm2 slots=1 # pipeline: mem=16G\n")
+    proc = run_pipeline(0, "plan", "--model", str(config_only_70b), "--hostfile", str(hostfile),
+                        "--max-context", "8192", timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("pipeline: error:")]
+    assert len(errors) == 1 and "does not fit at --max-context 8192" in errors[0]
+    assert "rank 0 (m1) needs" in proc.stderr and "short by" in proc.stderr
+    assert "what would fit: one more node with at least" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_hostfile_names_the_line(config_only_70b, tmp_path):
+    hostfile = tmp_path / "bad"
+    hostfile.write_text("ok slots=1 # pipeline: mem=8G\nbroken slots=x\n")
+    proc = run_pipeline(0, "plan", "--model", str(config_only_70b), "--hostfile", str(hostfile),
+                        timeout=120)
+    assert proc.returncode == 2
+    assert f"pipeline: error: {hostfile}:2: 'slots=x'" in proc.stderr
+
+
+def test_measured_under_mpirun(model_dir):
+    doc = plan_json(2, "--model", str(model_dir("tiny-llama")))
+    check_ranges(doc, 7)
+    assert doc["source"].startswith("measured on 2 rank(s) under mpirun") and doc["hops"] == "measured"
+    assert doc["max_context"] == 2048  # the model's context
+    host = socket.gethostname()
+    caps = doc["capacities"]
+    assert [c["host"] for c in caps] == [host, host] and all(c["local_ranks"] == 2 for c in caps)
+    assert all(c["bandwidth"] > 1e8 and c["total_memory"] > GiB and c["disk_free"] > 0
+               for c in caps)
+    ranks = doc["ranks"]
+    assert all(r["memory_bytes"] == caps[0]["total_memory"] // 2 for r in ranks)
+    assert all(r["est_ms_per_token"] > 0 for r in ranks) and doc["tokens_per_s_bound"] > 0
+    assert sorted(doc["split"]) == [3, 4]  # one host, one bandwidth: the even split
+
+
+def test_hostfile_caps_force_an_uneven_split_under_mpirun(model_dir, tmp_path):
+    # tiny-llama float32: head 128 KiB, each layer 145 KiB + 512 KiB of KV cache at 2048
+    # tokens, headroom 256 MiB: rank 0's cap leaves room for its head and 2 layers at most.
+    # One line per rank, without slots=: the same file goes to mpirun -hostfile.
+    hostfile = tmp_path / "caps"
+    hostfile.write_text("localhost  # pipeline: mem=257.5M\n"
+                        "localhost  # pipeline: mem=300M\n")
+    py = [sys.executable, "-m", "pipeline", "plan", "--model", str(model_dir("tiny-llama")),
+          "--hostfile", str(hostfile), "--memory-fraction", "1", "--json"]
+    proc = subprocess.run([MPIRUN, "-hostfile", str(hostfile), "-np", "2", "--bind-to", "none",
+                           *py], capture_output=True, text=True, timeout=120, env=mpi_env(),
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    check_ranges(doc, 7)
+    assert doc["ranks"][0]["memory_bytes"] == int(257.5 * 2**20)
+    assert doc["ranks"][1]["memory_bytes"] == 300 * 2**20
+    assert doc["split"][0] <= 2 and "memory capped by" in doc["source"]
+
+
+def test_does_not_fit_under_mpirun_ends_every_rank(model_dir, tmp_path):
+    hostfile = tmp_path / "tiny"
+    hostfile.write_text("localhost slots=2 # pipeline: mem=200M\n")
+    proc = run_pipeline(2, "plan", "--model", str(model_dir("tiny-llama")), "--hostfile",
+                        str(hostfile), timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("pipeline: error:")]
+    assert len(errors) == 1 and "does not fit" in errors[0]
+    assert "rank 0 (" in proc.stderr and "rank 1 (" in proc.stderr and "short by" in proc.stderr
