@@ -86,9 +86,16 @@ DEQUANTIZE = typer.Option(None, "--dequantize/--no-dequantize",
                           "memory) [default: only for the embedded model on CPU].")
 IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Generate max-tokens even after EOS.")
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Per-rank logs on stderr.")
+HOSTFILE = typer.Option(None, "--hostfile", help="Hostfile whose `# pipeline: mem=48G` comments "
+                        "cap each host's memory for the placement (same file as mpirun's).")
+MAX_CONTEXT = typer.Option(None, "--max-context", help="KV-cache tokens each rank must have room "
+                           "for [default: the model's context length, else 8192].")
+MEMORY_FRACTION = typer.Option(0.8, "--memory-fraction",
+                               help="Share of each rank's memory the placement may use.")
 
 
-def _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling):
+def _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, hostfile=None,
+             max_context=None, memory_fraction=0.8):
     """Check what every rank can check alone, then the job's options."""
     from .load import default_dtype
     from .runtime import Options
@@ -101,8 +108,13 @@ def _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling):
         _fail(f"--dtype {dtype} is not one of {', '.join(DTYPE_NAMES)}")
     if prefill_chunk < 1:
         _fail("--prefill-chunk must be at least 1")
+    if not 0 < memory_fraction <= 1:
+        _fail(f"--memory-fraction {memory_fraction} is outside (0, 1]")
+    if max_context is not None and max_context < 1:
+        _fail("--max-context must be at least 1")
     return Options(model=model, split=split, dtype=dtype or default_dtype(), verbose=verbose,
-                   prefill_chunk=prefill_chunk, dequantize=dequantize)
+                   prefill_chunk=prefill_chunk, dequantize=dequantize, hostfile=hostfile,
+                   max_context=max_context, memory_fraction=memory_fraction)
 
 
 @app.callback(invoke_without_command=True)
@@ -116,14 +128,16 @@ def main(
     split: Optional[str] = SPLIT, dtype: Optional[str] = DTYPE, prefill_chunk: int = PREFILL_CHUNK,
     dequantize: Optional[bool] = DEQUANTIZE, ignore_eos: bool = IGNORE_EOS,
     as_json: bool = typer.Option(False, "--json", help="One-shot: print a JSON object with tokens and stats."),
-    verbose: bool = VERBOSE,
+    hostfile: Optional[str] = HOSTFILE, max_context: Optional[int] = MAX_CONTEXT,
+    memory_fraction: float = MEMORY_FRACTION, verbose: bool = VERBOSE,
 ):
     """Chat with (or, with --prompt, run once) an LLM split by layers across MPI ranks."""
     if ctx.invoked_subcommand is not None:
         return
     sampling = Sampling(temp=temp, top_p=top_p, min_p=min_p, seed=seed,
                         max_tokens=max_tokens, ignore_eos=ignore_eos)
-    opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling)
+    opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, hostfile,
+                    max_context, memory_fraction)
     if prompt is not None and not prompt.strip():
         _fail("--prompt is empty: give some text")
     from .repl import run_one_shot, run_repl
@@ -145,14 +159,16 @@ def batch_cmd(
     system: Optional[str] = SYSTEM, chat: Optional[bool] = CHAT, split: Optional[str] = SPLIT,
     dtype: Optional[str] = DTYPE, prefill_chunk: int = PREFILL_CHUNK,
     dequantize: Optional[bool] = DEQUANTIZE, ignore_eos: bool = IGNORE_EOS,
-    verbose: bool = VERBOSE,
+    hostfile: Optional[str] = HOSTFILE, max_context: Optional[int] = MAX_CONTEXT,
+    memory_fraction: float = MEMORY_FRACTION, verbose: bool = VERBOSE,
 ):
     """Run a file of prompts with micro-batched pipelining; results stream into OUT."""
     from .batch import BatchFileError, Defaults, check_output, run_batch
 
     sampling = Sampling(temp=temp, top_p=top_p, min_p=min_p, seed=seed,
                         max_tokens=max_tokens, ignore_eos=ignore_eos)
-    opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling)
+    opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, hostfile,
+                    max_context, memory_fraction)
     if concurrency < 1:
         _fail("--concurrency must be at least 1")
     try:

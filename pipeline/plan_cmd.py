@@ -105,7 +105,8 @@ def _ring_hop_seconds(hops, size: int) -> list[float]:
     one_way = {}
     for h in hops:
         one_way[(h.src, h.dst)] = one_way[(h.dst, h.src)] = h.one_way_s
-    return [one_way[(r, (r + 1) % size)] for r in range(size)]
+    # one rank: no hop (its "ring" is itself)
+    return [one_way.get((r, (r + 1) % size), 0.0) for r in range(size)]
 
 
 def measure_cluster(comm, model_path: str | None,

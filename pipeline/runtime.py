@@ -17,11 +17,16 @@ from mpi4py import MPI
 from . import blas
 from .gguf import GGUFError
 from .generate import Driver, serve
-from .load import ModelError, hub_repo, load_stage, read_config, resident_bytes, resolve_model, tensor_index
-from .plan import SplitError, balanced_split, check_rank_count, layer_ranges, parse_split
+from .load import ModelError, hub_repo, load_stage, read_config, resident_bytes, resolve_model
+from .cluster import CapacityError
+from .hostfile import HostfileError
+from .placement import DEFAULT_MEMORY_FRACTION
+from .plan import SplitError, check_rank_count, layer_ranges
+from .plan_cmd import measure_cluster, preflight_plan
 from .stage import UnsupportedModel
 
-USER_ERRORS = (ModelError, SplitError, UnsupportedModel, FileNotFoundError, GGUFError)
+USER_ERRORS = (ModelError, SplitError, UnsupportedModel, FileNotFoundError, GGUFError,
+               HostfileError)
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
 
@@ -41,6 +46,9 @@ class Options:
     verbose: bool = False
     prefill_chunk: int = 512
     dequantize: bool | None = None  # None: only the embedded default model on a CPU
+    hostfile: str | None = None  # per-host memory caps (`# pipeline: mem=48G`)
+    max_context: int | None = None  # KV-cache tokens to reserve; None: the model's context
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION
 
 
 class Log:
@@ -53,21 +61,30 @@ class Log:
             print(f"[rank {self.rank} {self.host}] {msg}", file=sys.stderr, flush=True)
 
 
-def _plan(opts: Options, size: int) -> dict:
-    """Rank 0: find the model and decide the split, without loading weights."""
-    path = resolve_model(opts.model)
-    config = read_config(path)
-    repo = hub_repo(opts.model)
-    num_layers = config["num_hidden_layers"]
-    check_rank_count(num_layers, size)
-    if opts.split:
-        split = parse_split(opts.split, num_layers, size)
-    else:
-        per_layer, other = tensor_index(path, repo).layer_bytes(num_layers)
-        if 0 in per_layer:  # sizes unknown (shards not local yet): split by layer count
-            per_layer, other = [1] * num_layers, 0
-        split = balanced_split(per_layer, size, first_extra=other)
-    return {"split": split, "repo": repo}
+def _first_error(comm, error: str | None) -> str | None:
+    """Collective: the first rank's error (named by rank and host when not rank 0), on rank 0."""
+    errors = comm.gather((error, socket.gethostname()), root=0)
+    if comm.Get_rank() != 0:
+        return None
+    for r, (err, host) in enumerate(errors):
+        if err:
+            return err if r == 0 or comm.Get_size() == 1 else f"rank {r} ({host}): {err}"
+    return None
+
+
+def _end_if_any(comm, error: str | None, exit_code: int) -> None:
+    message = _first_error(comm, error)
+    if comm.bcast(message is not None if comm.Get_rank() == 0 else None, root=0):
+        raise JobError(message, exit_code)
+
+
+def _plan(opts: Options, path, config: dict, caps, hops, size: int) -> dict:
+    """Rank 0: the split, checked against every rank's memory before anything is loaded."""
+    check_rank_count(config["num_hidden_layers"], size)
+    plan = preflight_plan(path, config, caps, hops, hostfile=opts.hostfile,
+                          max_context=opts.max_context, memory_fraction=opts.memory_fraction,
+                          dtype=opts.dtype, split=opts.split)
+    return {"split": plan.split, "repo": hub_repo(opts.model)}
 
 
 def start(opts: Options, comm=None):
@@ -76,10 +93,22 @@ def start(opts: Options, comm=None):
     rank, size = comm.Get_rank(), comm.Get_size()
     log = Log(rank, opts.verbose)
 
-    plan, error = None, None
-    if rank == 0:
+    path = config = error = None
+    try:  # every rank finds the model (a .gguf or the embedded model is imported locally)
+        path = resolve_model(opts.model)
+        config = read_config(path)
+    except USER_ERRORS as e:
+        error = str(e)
+    _end_if_any(comm, error, EXIT_USAGE)
+
+    caps, hops, plan, error = None, None, None, None
+    try:
+        caps, hops = measure_cluster(comm, str(path))  # collective: memory, bandwidth, links
+    except CapacityError as e:  # raised on rank 0 only, once every rank is done
+        error = str(e)
+    if rank == 0 and error is None:
         try:
-            plan = _plan(opts, size)
+            plan = _plan(opts, path, config, caps, hops, size)
         except USER_ERRORS as e:
             error = str(e)
     plan, error = comm.bcast((plan, error), root=0)
@@ -89,8 +118,6 @@ def start(opts: Options, comm=None):
     layer_range = layer_ranges(plan["split"])[rank]
     stage, error = None, None
     try:
-        path = resolve_model(opts.model)
-        config = read_config(path)
         log(f"loading layers {layer_range[0]}..{layer_range[1] - 1} from {path}")
         dequantize = opts.dequantize
         if dequantize is None:
@@ -104,15 +131,9 @@ def start(opts: Options, comm=None):
     except Exception as e:  # an unexpected failure still ends every rank together
         error = f"{type(e).__name__}: {e}"
         log(traceback.format_exc())
+    _end_if_any(comm, error, EXIT_FAILURE)
     device, blas_name, reference = blas.describe()
-    reports = comm.gather((error, socket.gethostname(), device, blas_name, reference), root=0)
-    failed = comm.bcast(any(r[0] for r in reports) if rank == 0 else None, root=0)
-    if failed:
-        message = None
-        if rank == 0:
-            r, (err, host, *_) = next((i, x) for i, x in enumerate(reports) if x[0])
-            message = err if size == 1 else f"rank {r} ({host}): {err}"
-        raise JobError(message, EXIT_FAILURE)
+    reports = comm.gather((socket.gethostname(), device, blas_name, reference), root=0)
 
     if rank != 0:
         serve(comm, stage, weight_bytes)
@@ -121,11 +142,11 @@ def start(opts: Options, comm=None):
     from mlx_lm.utils import load_tokenizer
 
     tokenizer = load_tokenizer(path)
-    hosts = sorted({r[1] for r in reports})
+    hosts = sorted({r[0] for r in reports})
     print(f"pipeline: {size} rank{'s' * (size > 1)} on {len(hosts)} host{'s' * (len(hosts) > 1)}, "
           f"{config['model_type']} {config['num_hidden_layers']} layers split {plan['split']}, "
           f"device {device}, BLAS {blas_name}", file=sys.stderr, flush=True)
-    for r, (_, host, _, name, ref) in enumerate(reports):
+    for r, (host, _, name, ref) in enumerate(reports):
         if ref:
             print(f"pipeline: warning: rank {r} ({host}) uses the {name} (~30x slower): "
                   f"install OpenBLAS (apt-get install libopenblas0-pthread)",
