@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 NP ?= 2
 OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 
-.PHONY: install run test clean-cache
+.PHONY: install run test bench clean-cache
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ run: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# side-by-side throughput (mlx-lm, mlx-lm --pipeline, this tool at 1 and 2 ranks); not in CI
+bench: install
+	$(PY) launch/bench-compare --out bench-out
 
 clean-cache:
 	rm -rf $${PIPELINE_CACHE:-$$HOME/.cache/pipeline}

@@ -227,12 +227,15 @@ def make_model_cmd(
     dtype: str = typer.Option("float32", "--dtype"),
     seed: int = typer.Option(0, "--seed"),
     layers: Optional[int] = typer.Option(None, "--layers", help="Override the layer count."),
+    shards: int = typer.Option(1, "--shards", help="Safetensors files (with an index when > 1)."),
+    quantize_bits: Optional[int] = typer.Option(None, "--quantize-bits", help="4 or 8: quantize."),
 ):
     """Write a random-weight model of a real shape with a working tokenizer (offline)."""
     from .make_model import make_model
 
     try:
-        path = make_model(like, out, dtype=dtype, seed=seed, num_layers=layers)
+        path = make_model(like, out, dtype=dtype, seed=seed, num_layers=layers, shards=shards,
+                          quantize_bits=quantize_bits)
     except ValueError as e:
         _fail(str(e))
     print(path)
