@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .engine import Engine, Sequence
-from .generate import Driver, Sampling
+from .generate import Driver, Sampling, check_prompt
 from .repl import encode, wants_chat
 
 
@@ -93,7 +93,7 @@ def done_ids(out: Path) -> set:
     return ids
 
 
-def _sequence(rec: dict, tokenizer, d: Defaults) -> Sequence:
+def _sequence(rec: dict, tokenizer, d: Defaults, context: int | None) -> Sequence:
     chat = wants_chat(tokenizer, d.chat)
     if "messages" in rec:
         messages = rec["messages"]
@@ -111,8 +111,7 @@ def _sequence(rec: dict, tokenizer, d: Defaults) -> Sequence:
     )
     s.check()
     prompt = encode(tokenizer, messages, chat)
-    if not prompt:
-        raise ValueError("empty prompt")
+    check_prompt(prompt, context)
     shown = rec.get("prompt", messages[-1].get("content") if messages else "")
     return Sequence(id=rec["id"], prompt=prompt, max_tokens=s.max_tokens, temp=s.temp,
                     top_p=s.top_p, min_p=s.min_p, seed=s.seed, ignore_eos=s.ignore_eos,
@@ -139,7 +138,7 @@ def run_batch(driver: Driver, prompts: Path, out: Path, defaults: Defaults, conc
         if json.dumps(rec["id"]) in finished:
             continue
         try:
-            todo.append(_sequence(rec, tokenizer, defaults))
+            todo.append(_sequence(rec, tokenizer, defaults, driver.context))
         except (ValueError, TypeError) as e:
             problems.append(f"{prompts}:{rec['line']}: {e}")
             print(f"pipeline: warning: {prompts}:{rec['line']}: {e}, skipped", file=sys.stderr)

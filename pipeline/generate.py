@@ -148,6 +148,15 @@ def serve(comm, stage: Stage, weight_bytes: int) -> None:
     ring.close()
 
 
+def check_prompt(prompt: list[int], context: int | None) -> None:
+    if not prompt:
+        raise ValueError("empty prompt: type some text")
+    if context is not None and len(prompt) >= context:
+        raise ValueError(f"the prompt has {len(prompt)} tokens but the context window is "
+                         f"{context}: shorten it (in the chat: /reset), or raise --max-context "
+                         f"if the model allows")
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -161,12 +170,13 @@ class Driver:
     """Rank 0's handle on the whole pipeline: one conversation's KV cache at a time."""
 
     def __init__(self, comm, stage: Stage, tokenizer, weight_bytes: int,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, context: int | None = None):
         self.comm, self.stage, self.tokenizer = comm, stage, tokenizer
         self.size = comm.Get_size() if comm is not None else 1
         self.ring = Ring(comm) if self.size > 1 else None
         self.weight_bytes = weight_bytes
         self.prefill_chunk = prefill_chunk
+        self.context = context  # the context window (tokens); None: unchecked
         self.fed: list[int] = []  # tokens whose keys/values sit in the caches of every rank
         self.interrupted = False  # set from a signal handler to stop the current generation
         self.last_stats: GenerationStats | None = None
@@ -194,8 +204,7 @@ class Driver:
 
     def generate(self, prompt: list[int], sampling: Sampling) -> Iterator[tuple[int, str]]:
         """Yield (token, text segment) as tokens come; stats land in `self.last_stats`."""
-        if not prompt:
-            raise ValueError("empty prompt: type some text")
+        check_prompt(prompt, self.context)
         keep = self._reusable_prefix(prompt)
         if self.ring is not None:
             send_request(self.comm, {"op": "run", "keep": keep, "tokens": prompt,

@@ -170,7 +170,12 @@ def run_repl(driver: Driver, system: str | None, chat: bool | None, sampling: Sa
         if not command:
             continue
         messages.append({"role": "user", "content": text})
-        answer = _stream_answer(driver, encode(driver.tokenizer, messages, chat), sampling, out)
+        try:
+            answer = _stream_answer(driver, encode(driver.tokenizer, messages, chat), sampling, out)
+        except ValueError as e:  # e.g. the conversation outgrew the context window
+            messages.pop()
+            print(f"error: {e}", file=out, flush=True)
+            continue
         messages.append({"role": "assistant", "content": answer})
 
 

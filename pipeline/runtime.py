@@ -22,6 +22,7 @@ from .cluster import CapacityError
 from .hostfile import HostfileError
 from .placement import DEFAULT_MEMORY_FRACTION
 from .plan import SplitError, check_rank_count, layer_ranges
+from .model_cost import default_max_context
 from .plan_cmd import measure_cluster, preflight_plan
 from .stage import UnsupportedModel
 
@@ -151,7 +152,9 @@ def start(opts: Options, comm=None):
             print(f"pipeline: warning: rank {r} ({host}) uses the {name} (~30x slower): "
                   f"install OpenBLAS (apt-get install libopenblas0-pthread)",
                   file=sys.stderr, flush=True)
-    return Driver(comm if size > 1 else None, stage, tokenizer, weight_bytes, opts.prefill_chunk)
+    context = opts.max_context or default_max_context(config)
+    return Driver(comm if size > 1 else None, stage, tokenizer, weight_bytes, opts.prefill_chunk,
+                  context)
 
 
 def abort_on_error(comm, exc: BaseException, verbose: bool) -> None:

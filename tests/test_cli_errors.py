@@ -65,3 +65,29 @@ def test_model_that_does_not_fit_is_refused_before_loading(model_dir):
     assert_clean_failure(proc, "does not fit", "--max-context 2000000000")
     assert "short by" in proc.stderr and "what would fit: --max-context" in proc.stderr
     assert "loading layers" not in proc.stderr  # --verbose would log any rank's load
+
+
+def test_prompt_longer_than_the_context_window(model_dir):
+    proc = run_pipeline(2, "--model", str(model_dir("tiny-llama")), "--prompt", "word " * 50,
+                        "--no-chat", "--max-context", "16", timeout=60)
+    assert_clean_failure(proc, "context window is 16")
+
+
+def test_repl_survives_a_prompt_too_long(model_dir):
+    proc = run_pipeline(2, "--model", str(model_dir("tiny-llama")), "--max-context", "40",
+                        "--max-tokens", "4", input="word " * 60 + "\nhi\n/quit\n", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "context window is 40" in proc.stdout
+
+
+def test_hub_repo_not_cached_without_network(tmp_path):
+    import os
+
+    env_extra = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    os.environ.update(env_extra)
+    try:
+        proc = run_pipeline(2, "--model", "nobody-here/not-a-model", "--prompt", "hi", timeout=60)
+    finally:
+        for k in env_extra:
+            os.environ.pop(k)
+    assert_clean_failure(proc, "nobody-here/not-a-model", "not in the local cache")
