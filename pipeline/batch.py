@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .engine import Engine, Sequence
 from .generate import Driver, Sampling, check_prompt
-from .repl import encode, wants_chat
+from .repl import INTERRUPTS, encode, wants_chat
 
 
 class BatchFileError(ValueError):
@@ -176,11 +176,12 @@ def run_batch(driver: Driver, prompts: Path, out: Path, defaults: Defaults, conc
     def stop(*_):
         engine.interrupted = True  # the lines in progress finish writing, then we exit
 
-    previous = signal.signal(signal.SIGINT, stop)
+    previous = {s: signal.signal(s, stop) for s in INTERRUPTS}
     try:
         engine.run(todo, on_done)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         f.close()
     elapsed = time.perf_counter() - start
     if progress and done:

@@ -137,9 +137,11 @@ class Engine:
                 logprobs = self.stage.logits(h)  # [B, V] (logits; argmax is the same)
                 logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
                 now = time.perf_counter()
+                # greedy rows in one evaluation; sampled rows each with their own RNG
+                greedy = mx.argmax(logprobs, axis=-1).tolist()
                 keep = []
                 for row, seq in enumerate(batch):
-                    token = seq.sample(logprobs[row])
+                    token = greedy[row] if seq.temp == 0 else seq.sample(logprobs[row])
                     if not seq.tokens:
                         seq.first_token = now
                     seq.tokens.append(token)

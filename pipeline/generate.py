@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import socket
 import sys
 import time
@@ -118,6 +119,7 @@ class CacheTable:
 
 def serve(comm, stage: Stage, weight_bytes: int) -> None:
     """Ranks 1..N-1: run requests from rank 0 until told to quit."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # rank 0's Ctrl-C (see repl.INTERRUPTS)
     ring, table = Ring(comm), CacheTable(stage)
     while True:
         request = wait_request(comm)

@@ -120,9 +120,15 @@ class InputReader:
         return "\n".join(lines) if lines else None
 
 
+# launch/mpirun turns Ctrl-C into SIGUSR1, which mpirun forwards to every rank (a SIGINT to
+# mpirun itself would end the job): rank 0 takes it as Ctrl-C, the other ranks ignore it.
+INTERRUPTS = (signal.SIGINT, signal.SIGUSR1)
+
+
 def run_repl(driver: Driver, system: str | None, chat: bool | None, sampling: Sampling,
              reader: InputReader | None = None) -> None:
     reader = reader or InputReader()
+    signal.signal(signal.SIGUSR1, signal.default_int_handler)
     chat = wants_chat(driver.tokenizer, chat)
     base = [{"role": "system", "content": system}] if system and chat else []
     messages = list(base)
@@ -181,7 +187,8 @@ def run_repl(driver: Driver, system: str | None, chat: bool | None, sampling: Sa
 
 def _stream_answer(driver: Driver, tokens: list[int], sampling: Sampling, out) -> str:
     """Stream one answer; Ctrl-C stops it (every rank drops the rest) and returns the prompt."""
-    previous = signal.signal(signal.SIGINT, lambda *_: setattr(driver, "interrupted", True))
+    previous = {s: signal.signal(s, lambda *_: setattr(driver, "interrupted", True))
+                for s in INTERRUPTS}
     parts = []
     try:
         for _, segment in driver.generate(tokens, sampling):
@@ -189,7 +196,8 @@ def _stream_answer(driver: Driver, tokens: list[int], sampling: Sampling, out) -
             out.write(segment)
             out.flush()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     out.write("\n")
     if driver.last_stats.finish_reason == "interrupted":
         out.write("(stopped)\n")
