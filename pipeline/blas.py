@@ -62,3 +62,12 @@ def describe() -> tuple[str, str, bool]:
         if "libopenblas" in path and "scipy_openblas" not in path:
             return device, f"OpenBLAS ({path})", False
     return device, "reference BLAS bundled with mlx-cpu", True
+
+
+def rows_first_pays() -> bool:
+    """Whether stage.RowsFirstLinear is used: on a CPU with OpenBLAS (measured faster and
+    bitwise equal there), unless PIPELINE_ROWS_FIRST=0 (for side-by-side benchmarks)."""
+    if os.environ.get("PIPELINE_ROWS_FIRST", "1") == "0":
+        return False
+    device, name, _ = describe()
+    return device == "cpu" and name.startswith("OpenBLAS")

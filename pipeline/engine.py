@@ -59,6 +59,30 @@ class Sequence:
         return int(mx.random.categorical(logprobs * (1 / self.temp), key=sub).item())
 
 
+def logprobs_of(logits: mx.array) -> mx.array:
+    """Log-probabilities as mlx-lm's generate_step computes them."""
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def greedy_rows(logits: mx.array) -> tuple[list[int], list[bool]]:
+    """argmax of each row of logits: [B, V], without the logsumexp (0.4 ms a row on one CPU
+    core for 32k tokens), and whether a row needs the exact path instead.
+
+    mlx-lm takes the argmax of logits - c (c = logsumexp). Subtracting c keeps the order
+    but rounding can merge two values that differ by less than a few ulps of |x - c|, and
+    |x - c| <= |x - max| + log V near the top. A row whose runner-up is further than that
+    below its maximum has the same argmax either way; the others (near ties, in practice
+    never seen) take the exact path.
+    """
+    top = mx.max(logits, axis=-1, keepdims=True)
+    eps = float(mx.finfo(logits.dtype).eps)
+    tol = 8 * eps * (2 * math.log(logits.shape[-1]) + 1)
+    close = mx.sum(logits >= top - tol, axis=-1)
+    index = mx.argmax(logits, axis=-1)
+    mx.eval(index, close)
+    return index.tolist(), [c > 1 for c in close.tolist()]
+
+
 class Engine:
     """Rank 0's batch scheduler over a Driver's stage and ring."""
 
@@ -134,14 +158,15 @@ class Engine:
                 busy = time.perf_counter()
                 in_flight -= 1
                 batch = batches[mb]
-                logprobs = self.stage.logits(h)  # [B, V] (logits; argmax is the same)
-                logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+                logits = self.stage.logits(h)  # [B, V]
+                greedy, near_tie = greedy_rows(logits)
                 now = time.perf_counter()
-                # greedy rows in one evaluation; sampled rows each with their own RNG
-                greedy = mx.argmax(logprobs, axis=-1).tolist()
                 keep = []
                 for row, seq in enumerate(batch):
-                    token = greedy[row] if seq.temp == 0 else seq.sample(logprobs[row])
+                    if seq.temp == 0 and not near_tie[row]:
+                        token = greedy[row]
+                    else:  # sampled rows each with their own RNG, from exact logprobs
+                        token = seq.sample(logprobs_of(logits[row]))
                     if not seq.tokens:
                         seq.first_token = now
                     seq.tokens.append(token)

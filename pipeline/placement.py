@@ -8,8 +8,10 @@ token, so
 `plan_layers` minimizes that subject to every rank fitting weights + KV cache for
 `max_context` tokens + headroom into its usable memory (`memory_fraction` of its memory,
 capped by a device limit). Rank 0 also holds the embedding, final norm and head. Ties
-(equal bandwidths, or bandwidth unknown) go to the split with the lowest peak memory use
-relative to each rank's usable memory: a memory-proportional split. When nothing fits,
+(equal bandwidths) go to the split whose slowest stage is fastest: with micro-batched
+pipelining (batch mode, serve) that stage sets the pace. Remaining ties (and bandwidth
+unknown) go to the split with the lowest peak memory use relative to each rank's usable
+memory: a memory-proportional split. When nothing fits,
 `PlanError` says which ranks are short by how much and what would fit instead.
 No MPI, no MLX: plain numbers in, plain numbers out.
 """
@@ -153,10 +155,11 @@ def _search(cost: ModelCost, nodes: list[Node], context: int, memory_fraction: f
             headroom: int, use_time: bool, enforce: bool) -> list[int] | None:
     """Dynamic programming over (ranks, layers) for a contiguous split, or None.
 
-    Key per partial split: (time, peak memory use / usable, sum of squared uses), compared
-    in that order. Each term only grows as ranks are added, so keeping the smallest key per
-    state is optimal. Time is integer (bytes x femtoseconds per byte) so that equal
-    bandwidths give exactly equal times and the memory terms decide.
+    Key per partial split: (time, slowest stage's time, peak memory use / usable, sum of
+    squared uses), compared in that order. Each term only grows as ranks are added, so
+    keeping the smallest key per state is optimal. Time is integer (bytes x femtoseconds per
+    byte) so that equal bandwidths give exactly equal times; then the slowest stage decides
+    (balanced stages keep a batch's micro-batches flowing, see engine.py), then memory.
     """
     n, size = cost.num_layers, len(nodes)
     wsum = [0, *accumulate(cost.layer_bytes)]
@@ -166,7 +169,7 @@ def _search(cost: ModelCost, nodes: list[Node], context: int, memory_fraction: f
     usable = [node.usable(memory_fraction) for node in nodes]
     best: list[list[tuple | None]] = [[None] * (n + 1) for _ in range(size + 1)]
     cut = [[0] * (n + 1) for _ in range(size + 1)]
-    best[0][0] = (0, 0.0, 0.0)
+    best[0][0] = (0, 0, 0.0, 0.0)
     for r in range(1, size + 1):
         extra = cost.head_bytes if r == 1 else 0
         cap = usable[r - 1]
@@ -180,8 +183,9 @@ def _search(cost: ModelCost, nodes: list[Node], context: int, memory_fraction: f
                 if prev is None:
                     continue
                 use = need / cap if cap > 0 else float("inf")
-                key = (prev[0] + weights * fs_per_byte[r - 1], max(prev[1], use),
-                       prev[2] + use * use)
+                stage_time = weights * fs_per_byte[r - 1]
+                key = (prev[0] + stage_time, max(prev[1], stage_time), max(prev[2], use),
+                       prev[3] + use * use)
                 if best[r][i] is None or key < best[r][i]:
                     best[r][i], cut[r][i] = key, j
     if best[size][n] is None:

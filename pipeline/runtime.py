@@ -24,7 +24,7 @@ from .placement import DEFAULT_MEMORY_FRACTION
 from .plan import SplitError, check_rank_count, layer_ranges
 from .model_cost import default_max_context
 from .plan_cmd import measure_cluster, preflight_plan
-from .stage import UnsupportedModel
+from .stage import UnsupportedModel, use_rows_first
 
 USER_ERRORS = (ModelError, SplitError, UnsupportedModel, FileNotFoundError, GGUFError,
                HostfileError)
@@ -126,6 +126,8 @@ def start(opts: Options, comm=None):
         stage = load_stage(path, config, layer_range, with_head=rank == 0,
                            dtype=opts.dtype, repo=plan["repo"], dequantize=dequantize)
         weight_bytes = resident_bytes(stage)
+        if blas.rows_first_pays():
+            log(f"{use_rows_first(stage)} linear layers multiply few rows as (W @ x.T).T")
         log(f"loaded {len(stage.loaded_names)} tensors, {weight_bytes / 2**20:.1f} MiB")
     except USER_ERRORS as e:
         error = str(e)

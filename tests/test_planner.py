@@ -133,8 +133,12 @@ def test_memory_caps_force_an_uneven_split():
     capped = [Node(0, "a", 400, 1e9), Node(1, "b", 1000, 1e9)]
     assert plan_layers(cost, even, 10, memory_fraction=1.0, headroom_bytes=0).split == [4, 4]
     plan = plan_layers(cost, capped, 10, memory_fraction=1.0, headroom_bytes=0)
-    assert plan.split == [2, 6]  # 270/400 and 660/1000 full: the most even use of memory
-    assert plan.ranks[0].need_bytes == 50 + 2 * 110
+    # [4, 4] would need 490 of rank 0's 400: the most balanced stages that fit are [3, 5]
+    assert plan.split == [3, 5]
+    assert plan.ranks[0].need_bytes == 50 + 3 * 110
+    # bandwidth unknown: memory-proportional (270/400 and 660/1000 full)
+    blind = [Node(0, "a", 400), Node(1, "b", 1000)]
+    assert plan_layers(cost, blind, 10, memory_fraction=1.0, headroom_bytes=0).split == [2, 6]
 
 
 @pytest.mark.parametrize("seed", range(12))
