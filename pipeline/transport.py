@@ -47,6 +47,9 @@ class Message:
     payload: list[int] = field(default_factory=list)  # control ops
 
 
+SEND_DEPTH = 4  # messages a rank may have posted and not yet delivered
+
+
 class Ring:
     """This rank's links in the ring 0 -> 1 -> ... -> N-1 -> 0."""
 
@@ -63,14 +66,18 @@ class Ring:
     def is_last_stage(self) -> bool:
         return self.rank == self.size - 1
 
-    def _complete_sends(self) -> None:
-        for reqs, _ in self._inflight:
+    def _complete_sends(self, keep: int = 0) -> None:
+        """Wait until at most `keep` posted messages are still in flight (oldest first)."""
+        while len(self._inflight) > keep:
+            reqs, _ = self._inflight.pop(0)
             MPI.Request.Waitall(reqs)
-        self._inflight.clear()
 
     def send(self, msg: Message) -> None:
-        """Post header (+ activation or payload) to the next rank without waiting for delivery."""
-        self._complete_sends()
+        """Post header (+ activation or payload) to the next rank without waiting for delivery.
+
+        Up to SEND_DEPTH messages stay in flight, so a stage that runs ahead (prefill chunks)
+        is not held up by one slow step of the next stage."""
+        self._complete_sends(SEND_DEPTH - 1)
         if msg.h is None:
             header = np.array([msg.op, msg.mb, msg.flags, 0, len(msg.payload), 0, 0], np.int64)
             bufs = [header]
