@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .cluster import Capacity, CapacityError, gather_capacities, measure_capacity, measure_hops
@@ -79,7 +80,26 @@ def nodes_from_capacities(caps: list[Capacity], entries: list[HostEntry] | None 
         bws = by_host.get(c.host)
         nodes.append(Node(c.rank, c.host, memory, sum(bws) / len(bws) if bws else None,
                           c.memory_limit // share if c.memory_limit else None))
-    return nodes
+    return _merge_near_bandwidths(nodes)
+
+
+BANDWIDTH_SAME = 1.2  # measured bandwidths closer than this factor count as one speed
+
+
+def _merge_near_bandwidths(nodes: list[Node]) -> list[Node]:
+    """Hosts whose probes differ by less than 20% get their mean bandwidth: two alike
+    machines (or namespaces of one) measure a few % apart, and the planner would otherwise
+    pile every layer that fits onto the one that happened to measure faster. Real
+    differences between Macs are 1.5x and more (M4 Pro 273 GB/s, M4 Max 546)."""
+    known = sorted({n.bandwidth for n in nodes if n.bandwidth})
+    groups: list[list[float]] = []
+    for bw in known:
+        if groups and bw <= groups[-1][0] * BANDWIDTH_SAME:
+            groups[-1].append(bw)
+        else:
+            groups.append([bw])
+    merged = {bw: sum(g) / len(g) for g in groups for bw in g}
+    return [replace(n, bandwidth=merged[n.bandwidth]) if n.bandwidth else n for n in nodes]
 
 
 def plan_job(cost: ModelCost, nodes: list[Node], max_context: int, *,

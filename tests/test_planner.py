@@ -359,6 +359,17 @@ def test_nodes_from_capacities():
         nodes_from_capacities(caps, parse_hostfile_text("x slots=1"))
 
 
+def test_near_equal_bandwidths_count_as_one_speed():
+    """Probe noise between alike hosts must not pile the layers onto one of them."""
+    caps = [capacity(0, "a", 16 * GiB, 10.0e9), capacity(1, "b", 16 * GiB, 11.0e9),
+            capacity(2, "c", 16 * GiB, 25e9), capacity(3, "d", 16 * GiB, 27e9)]
+    nodes = nodes_from_capacities(caps)
+    assert [n.bandwidth for n in nodes] == [10.5e9, 10.5e9, 26e9, 26e9]
+    cost = ModelCost((10**6,) * 32, 3 * 10**6, (0,) * 32)
+    split = plan_layers(cost, nodes[:2], 16, headroom_bytes=0).split
+    assert split == [15, 17]  # balanced stages (rank 0 also holds the head), not [1, 31]
+
+
 def test_vm_stat_parsing():
     text = ("Mach Virtual Memory Statistics: (page size of 16384 bytes)\n"
             "Pages free:                               10.\nPages active:   99.\n"
