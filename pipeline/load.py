@@ -76,13 +76,19 @@ def _hub_snapshot(repo: str, files: list[str] | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    from tqdm import tqdm
+
+    class Quiet(tqdm):  # every rank fetches these small files: no bar per rank
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+
     patterns = files if files is not None else _META_PATTERNS
     try:
         return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
     except LocalEntryNotFoundError:
         pass
     try:
-        return Path(snapshot_download(repo, allow_patterns=patterns))
+        return Path(snapshot_download(repo, allow_patterns=patterns, tqdm_class=Quiet))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise ModelError(
             f"Hugging Face repo '{repo}' is not in the local cache and the hub cannot be "
@@ -108,13 +114,24 @@ def read_config(path: Path) -> dict:
 
 
 def _safetensors_header(file: Path) -> dict:
+    """The tensor table of a safetensors file, checked against the file's size (a truncated
+    or corrupted file is named here, before any rank loads it)."""
     try:
         with open(file, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            size = file.stat().st_size
+            if n > size - 8:  # a corrupted length would make us read (or allocate) too much
+                raise ValueError(f"header length {n} exceeds the file's {size} bytes")
             header = json.loads(f.read(n))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        header.pop("__metadata__", None)
+        end = 8 + n + max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+        if end > size:
+            raise ValueError(f"truncated: {size} bytes, its header describes {end}")
+    except (OSError, struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError,
+            IndexError) as e:
         raise ModelError(f"{file} is not a readable safetensors file ({e}): re-download it") from None
-    header.pop("__metadata__", None)
     return header
 
 
@@ -144,8 +161,11 @@ class TensorIndex:
         )
 
 
-def tensor_index(path: Path, repo: str | None = None) -> TensorIndex:
-    """Read the safetensors index (or headers) without loading any tensor data."""
+def tensor_index(path: Path, repo: str | None = None, sizes: bool = True) -> TensorIndex:
+    """Read the safetensors index (or headers) without loading any tensor data.
+
+    sizes=False: leave nbytes at 0 and read no shard's header (a rank that holds only its
+    own shards needs just the index)."""
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
         try:
@@ -161,10 +181,11 @@ def tensor_index(path: Path, repo: str | None = None) -> TensorIndex:
             raise ModelError(f"no .safetensors weights in '{path}'")
         file_of = {n: f for f in files for n in _safetensors_header(path / f)}
     nbytes = {}
-    for f in sorted(set(file_of.values())):
+    for f in sorted(set(file_of.values())) if sizes else []:
         local = path / f
-        if not local.exists() and repo is not None:
-            # The index alone does not say sizes; a missing shard is fetched when loaded.
+        if not local.exists():
+            # The index alone does not say sizes; a missing shard is fetched (or sent by
+            # rank 0) before it is loaded, and loading reports one that is still missing.
             continue
         for n, info in _safetensors_header(local).items():
             s, e = info["data_offsets"]
@@ -197,7 +218,7 @@ def load_stage(path: Path, config: dict, layer_range: tuple[int, int], with_head
                dtype: str | None = None, repo: str | None = None,
                dequantize: bool = False) -> Stage:
     """Build the model lazily with mlx-lm's classes and materialize only this rank's share."""
-    index = tensor_index(path, repo)
+    index = tensor_index(path, repo, sizes=False)
     names = index.share(layer_range, with_head)
     by_file: dict[str, list[str]] = {}
     for n in names:
@@ -206,6 +227,7 @@ def load_stage(path: Path, config: dict, layer_range: tuple[int, int], with_head
         path = _hub_snapshot(repo, [*_META_PATTERNS, *by_file])
     weights = {}
     for f, wanted in by_file.items():
+        _safetensors_header(path / f)  # names a truncated or corrupted file before loading it
         try:
             tensors = mx.load(str(path / f))  # lazy: data is read only when evaluated
         except (RuntimeError, ValueError, OSError) as e:

@@ -19,6 +19,7 @@ from .gguf import GGUFError
 from .generate import Driver, serve
 from .load import ModelError, hub_repo, load_stage, read_config, resident_bytes, resolve_model
 from .cluster import CapacityError
+from .distribute import DistributeError, model_kind, prepare as prepare_files
 from .hostfile import HostfileError
 from .placement import DEFAULT_MEMORY_FRACTION
 from .plan import SplitError, check_rank_count, layer_ranges
@@ -50,6 +51,7 @@ class Options:
     hostfile: str | None = None  # per-host memory caps (`# pipeline: mem=48G`)
     max_context: int | None = None  # KV-cache tokens to reserve; None: the model's context
     memory_fraction: float = DEFAULT_MEMORY_FRACTION
+    distribute: bool | None = None  # None: send model files a rank lacks; False: refuse then
 
 
 class Log:
@@ -94,17 +96,25 @@ def start(opts: Options, comm=None):
     rank, size = comm.Get_rank(), comm.Get_size()
     log = Log(rank, opts.verbose)
 
+    # Rank 0 must have the model; another rank may lack its folder (or the hub) and receive
+    # its files from rank 0 once the split is known (distribute.py), so it takes rank 0's config.
+    kind = comm.bcast(model_kind(opts.model) if rank == 0 else None, root=0)
     path = config = error = None
     try:  # every rank finds the model (a .gguf or the embedded model is imported locally)
-        path = resolve_model(opts.model)
-        config = read_config(path)
+        if rank == 0 or kind != "folder":
+            path = resolve_model(opts.model)
+            config = read_config(path)
     except USER_ERRORS as e:
-        error = str(e)
+        if rank == 0 or kind != "hub" or opts.distribute is False:
+            error = str(e)
+        else:
+            log(f"cannot fetch {opts.model} here ({e}): rank 0 will send its files")
     _end_if_any(comm, error, EXIT_USAGE)
+    config = comm.bcast(config, root=0)
 
     caps, hops, plan, error = None, None, None, None
     try:
-        caps, hops = measure_cluster(comm, str(path))  # collective: memory, bandwidth, links
+        caps, hops = measure_cluster(comm, str(path or opts.model))  # collective: memory, links
     except CapacityError as e:  # raised on rank 0 only, once every rank is done
         error = str(e)
     if rank == 0 and error is None:
@@ -115,6 +125,10 @@ def start(opts: Options, comm=None):
     plan, error = comm.bcast((plan, error), root=0)
     if error:
         raise JobError(error if rank == 0 else None, EXIT_USAGE)
+    try:  # collective: each rank gets verified copies of the files its layers need
+        path = prepare_files(comm, opts.model, kind, path, plan["split"], opts.distribute, log)
+    except DistributeError as e:
+        raise JobError(e.message if rank == 0 else None, e.exit_code) from None
 
     layer_range = layer_ranges(plan["split"])[rank]
     stage, error = None, None
@@ -124,7 +138,7 @@ def start(opts: Options, comm=None):
         if dequantize is None:
             dequantize = opts.model is None and blas.describe()[0] == "cpu"
         stage = load_stage(path, config, layer_range, with_head=rank == 0,
-                           dtype=opts.dtype, repo=plan["repo"], dequantize=dequantize)
+                           dtype=opts.dtype, dequantize=dequantize)
         weight_bytes = resident_bytes(stage)
         if blas.rows_first_pays():
             log(f"{use_rows_first(stage)} linear layers multiply few rows as (W @ x.T).T")
@@ -167,5 +181,11 @@ def abort_on_error(comm, exc: BaseException, verbose: bool) -> None:
     print(f"pipeline: error: rank {rank} ({socket.gethostname()}) failed: "
           f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     if comm.Get_size() > 1:
-        comm.Abort(EXIT_FAILURE)
+        # Not comm.Abort: mpirun may then drop this rank's last output (the line above). A
+        # rank that exits non-zero without MPI_Finalize makes mpirun end every rank too, once
+        # its output is passed on; os._exit skips mpi4py's Finalize, which would wait for them.
+        import os
+
+        sys.stdout.flush()
+        os._exit(EXIT_FAILURE)
     sys.exit(EXIT_FAILURE)

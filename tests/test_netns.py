@@ -202,3 +202,22 @@ def test_clear_errors(tmp_path):
     assert not os.path.exists(netns_env["PIPELINE_NETNS_HOSTFILE"])
     if shutil.which("ip"):
         assert namespaces() == before
+
+
+def test_memory_caps_force_an_uneven_split_with_single_process_tokens(model_dir, three_hosts,
+                                                                        tmp_path):
+    """Per-host caps (`# pipeline: mem=`) in the hostfile given to both mpirun and --hostfile:
+    the capped node gets fewer layers (headroom 256 MiB + a layer or two), the tokens stay exact."""
+    args = ("--model", str(model_dir("tiny-llama")), "--prompt", PROMPT, "--no-chat", "--temp", "0",
+            "--max-tokens", str(N_TOKENS), "--ignore-eos", "--max-context", "64")
+    single = run_json(0, *args)
+    for caps, smaller in ((("322M", "2G"), 0), (("2G", "320.5M"), 1)):
+        hostfile = tmp_path / f"caps-{smaller}"
+        hostfile.write_text("".join(f"pn{i + 1} slots=1   # pipeline: mem={m}\n"
+                                    for i, m in enumerate(caps)))
+        env = dict(three_hosts, PIPELINE_NETNS_HOSTFILE=str(hostfile))
+        out = netns_json(env, 2, *args, "--hostfile", str(hostfile))
+        layers = [end - start for start, end in (r["layer_range"] for r in out["ranks"])]
+        assert sum(layers) == 7 and layers[smaller] < layers[1 - smaller], (caps, layers)
+        assert [r["host"] for r in out["ranks"]] == ["pn1", "pn2"]
+        assert out["tokens"] == single["tokens"], caps
