@@ -28,6 +28,15 @@ from .transport import (
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_PREFILL_CHUNK = 512
 
+# Test hook (tests/test_faults.py): PIPELINE_FAULT=rank1:step5 makes rank 1 raise at its 5th
+# forward step, to check that an exception on any rank ends the whole job. Unset: no effect.
+FAULT = os.environ.get("PIPELINE_FAULT", "")
+
+
+def _injected_fault(rank: int, step: int) -> None:
+    if FAULT == f"rank{rank}:step{step}":
+        raise RuntimeError(f"fault injected by PIPELINE_FAULT={FAULT}")
+
 
 @dataclass
 class Sampling:
@@ -120,7 +129,7 @@ class CacheTable:
 def serve(comm, stage: Stage, weight_bytes: int) -> None:
     """Ranks 1..N-1: run requests from rank 0 until told to quit."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # rank 0's Ctrl-C (see repl.INTERRUPTS)
-    ring, table = Ring(comm), CacheTable(stage)
+    ring, table, steps = Ring(comm), CacheTable(stage), 0
     while True:
         request = wait_request(comm)
         op = request["op"]
@@ -134,6 +143,9 @@ def serve(comm, stage: Stage, weight_bytes: int) -> None:
         while True:  # the request's messages, in ring order
             msg = ring.recv()
             if msg.op == OP_FORWARD:
+                if FAULT:
+                    steps += 1
+                    _injected_fault(ring.rank, steps)
                 start = time.perf_counter()
                 msg.h = stage.forward(msg.h, table.get(msg.mb))
                 mx.eval(msg.h)
@@ -182,8 +194,12 @@ class Driver:
         self.fed: list[int] = []  # tokens whose keys/values sit in the caches of every rank
         self.interrupted = False  # set from a signal handler to stop the current generation
         self.last_stats: GenerationStats | None = None
+        self.steps = 0  # forward steps, for the PIPELINE_FAULT test hook
 
     def _forward(self, tokens: list[int], want_logits: bool) -> mx.array | None:
+        if FAULT:
+            self.steps += 1
+            _injected_fault(0, self.steps)
         h = self.stage.forward(self.stage.embed(mx.array([tokens])))  # h: [1, L, D]
         self.fed.extend(tokens)
         if self.ring is None:
@@ -251,8 +267,9 @@ class Driver:
             if self.ring is not None:
                 self.ring.send(Message(OP_END))
         detok.finalize()
-        if detok.last_segment:
-            yield -1, detok.last_segment
+        tail = detok.last_segment  # reading it moves the offset on: read it once
+        if tail:
+            yield -1, tail
         end = time.perf_counter()
         stats.prompt_tps = stats.prompt_tokens / stats.ttft_s if stats.ttft_s else 0.0
         if stats.generation_tokens > 1:

@@ -72,11 +72,15 @@ def run_one_shot(driver: Driver, prompt: str, system: str | None, chat: bool | N
         print(line, file=sys.stderr)
 
 
+# launch/mpirun's stand-in for end of input: OpenMPI 5's mpirun never passes the real one on.
+EOT_LINE = "\x04"
+
+
 class InputReader:
     """Whole messages from a file descriptor, read as bytes so bad UTF-8 is caught, not fatal.
 
     A trailing backslash continues a message; on a terminal, lines that arrive together (a
-    paste) form one message.
+    paste) form one message. A line holding only EOT (\\x04) ends the input like Ctrl-D.
     """
 
     def __init__(self, fd: int = 0):
@@ -108,6 +112,9 @@ class InputReader:
                 line = raw.rstrip(b"\r").decode("utf-8")
             except UnicodeDecodeError as e:
                 bad, line = e, ""
+            if line == EOT_LINE:
+                self.eof, self.buf = True, b""
+                break
             if line.endswith("\\"):
                 lines.append(line[:-1])
                 continue
@@ -125,10 +132,34 @@ class InputReader:
 INTERRUPTS = (signal.SIGINT, signal.SIGUSR1)
 
 
+class _CtrlC:
+    """Ctrl-C at the prompt raises KeyboardInterrupt; anywhere else it only asks the current
+    answer to stop (the driver checks the flag between tokens), so a Ctrl-C can never land in
+    the middle of a message exchange with the other ranks."""
+
+    def __init__(self, driver: Driver):
+        self.driver, self.at_prompt = driver, False
+
+    def __call__(self, *_) -> None:
+        if self.at_prompt:
+            raise KeyboardInterrupt
+        self.driver.interrupted = True
+
+
 def run_repl(driver: Driver, system: str | None, chat: bool | None, sampling: Sampling,
              reader: InputReader | None = None) -> None:
     reader = reader or InputReader()
-    signal.signal(signal.SIGUSR1, signal.default_int_handler)
+    ctrl_c = _CtrlC(driver)
+    previous = {s: signal.signal(s, ctrl_c) for s in INTERRUPTS}
+    try:
+        _repl_loop(driver, system, chat, sampling, reader, ctrl_c)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _repl_loop(driver: Driver, system: str | None, chat: bool | None, sampling: Sampling,
+               reader: InputReader, ctrl_c: _CtrlC) -> None:
     chat = wants_chat(driver.tokenizer, chat)
     base = [{"role": "system", "content": system}] if system and chat else []
     messages = list(base)
@@ -139,6 +170,7 @@ def run_repl(driver: Driver, system: str | None, chat: bool | None, sampling: Sa
         out.write("> ")
         out.flush()
         try:
+            ctrl_c.at_prompt = True
             text = reader.read_message()
         except UnicodeDecodeError:
             print("input is not valid UTF-8: retype the message (check the terminal's encoding)",
@@ -151,6 +183,8 @@ def run_repl(driver: Driver, system: str | None, chat: bool | None, sampling: Sa
             interrupted_at_prompt = True
             print("\n(Ctrl-C again, /quit or Ctrl-D to exit)", file=out, flush=True)
             continue
+        finally:
+            ctrl_c.at_prompt = False
         interrupted_at_prompt = False
         if text is None:
             out.write("\n")
@@ -187,17 +221,11 @@ def run_repl(driver: Driver, system: str | None, chat: bool | None, sampling: Sa
 
 def _stream_answer(driver: Driver, tokens: list[int], sampling: Sampling, out) -> str:
     """Stream one answer; Ctrl-C stops it (every rank drops the rest) and returns the prompt."""
-    previous = {s: signal.signal(s, lambda *_: setattr(driver, "interrupted", True))
-                for s in INTERRUPTS}
     parts = []
-    try:
-        for _, segment in driver.generate(tokens, sampling):
-            parts.append(segment)
-            out.write(segment)
-            out.flush()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    for _, segment in driver.generate(tokens, sampling):
+        parts.append(segment)
+        out.write(segment)
+        out.flush()
     out.write("\n")
     if driver.last_stats.finish_reason == "interrupted":
         out.write("(stopped)\n")

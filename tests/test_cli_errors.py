@@ -91,3 +91,43 @@ def test_hub_repo_not_cached_without_network(tmp_path):
         for k in env_extra:
             os.environ.pop(k)
     assert_clean_failure(proc, "nobody-here/not-a-model", "not in the local cache")
+
+
+def _copy_model(src, dst):
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("truncated", "truncated"),  # a download cut short: the header promises more data
+    ("header", "not a readable safetensors file"),  # garbage in the JSON header
+    ("length", "header length"),  # a corrupted 8-byte header length
+])
+def test_truncated_or_corrupted_safetensors(model_dir, tmp_path, damage, needle):
+    path = _copy_model(model_dir("tiny-llama"), tmp_path)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "header":
+        data = data[:8] + b"#" * 32 + data[40:]
+    else:
+        data = b"\xff" * 8 + data[8:]
+    weights.write_bytes(data)
+    proc = run_pipeline(2, "--model", str(path), "--prompt", "hi", timeout=60)
+    assert_clean_failure(proc, str(weights), needle, "re-download")
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("missing", "no config.json in"),
+    ("invalid", "config.json is not valid JSON"),
+])
+def test_config_json_missing_or_invalid(model_dir, tmp_path, damage, needle):
+    path = _copy_model(model_dir("tiny-llama"), tmp_path)
+    if damage == "missing":
+        (path / "config.json").unlink()
+    else:
+        (path / "config.json").write_text('{"model_type": "llama",\n')
+    proc = run_pipeline(2, "--model", str(path), "--prompt", "hi", timeout=60)
+    assert_clean_failure(proc, str(path), needle)
