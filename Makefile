@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 NP ?= 2
 OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 
-.PHONY: install run test bench clean-cache
+.PHONY: install run test bench bench-links clean-cache
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ test: install
 # side-by-side throughput (mlx-lm, mlx-lm --pipeline, this tool at 1 and 2 ranks); not in CI
 bench: install
 	$(PY) launch/bench-compare --out bench-out
+
+# the same bench over the netns cluster's 1gbe/10gbe/tb4 links (root); PLOT=links.png also draws it
+bench-links: install
+	$(PY) launch/bench-links --out bench-out/links $(if $(PLOT),--plot $(PLOT))
 
 clean-cache:
 	rm -rf $${PIPELINE_CACHE:-$$HOME/.cache/pipeline}

@@ -6,11 +6,16 @@ Per configuration, medians over repeats with min-max:
 - decode tok/s aggregate: tokens generated while every sequence of the run was decoding,
   over that window (C sequences x steps / time); per sequence: aggregate / C;
 - prefill of one long prompt at several chunk sizes (pipelined across the stages), best kept.
+Per hop of the ring (rank r -> r+1, the last rank -> 0): the activation bytes the benchmark sent
+over it, and the hop's achieved bandwidth, measured by a ping-pong of PROBE_BYTES messages over
+that hop alone when the job starts, before the model loads (see probe_links); link_s = bytes
+at that rate, the time the benchmark's bytes kept the link busy.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import statistics
@@ -23,6 +28,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import blas
+from .cluster import measure_hops
 from .engine import Engine, Sequence
 from .generate import Driver, Sampling
 
@@ -37,6 +43,48 @@ class Figure:
     def summary(self) -> dict:
         return {"median": statistics.median(self.values), "min": min(self.values),
                 "max": max(self.values)}
+
+
+PROBE_BYTES = 4 * 2**20  # bulk: ~ one 1024-token prefill chunk at hidden 1024, float32
+LATENCY_BYTES = 4 * 2**10  # ~ one decode token's hidden state (1024 x float32)
+
+
+def probe_links(comm, reps: int = 10) -> list[dict] | None:
+    """Collective, at job start: each ring link's bandwidth (ping-pong of PROBE_BYTES, one link
+    at a time, the other ranks wait) and one-way latency (LATENCY_BYTES). Rank 0 gets one
+    entry per link {"from", "to", "probe_bytes", "gbps", "latency_us"}; the others None."""
+    if comm.Get_size() < 2:
+        return [] if comm.Get_rank() == 0 else None
+    bulk = measure_hops(comm, PROBE_BYTES, reps=reps, warmup=2)
+    small = measure_hops(comm, LATENCY_BYTES, reps=20, warmup=3)
+    if bulk is None:
+        return None
+    return [{"from": b.src, "to": b.dst, "probe_bytes": b.nbytes,
+             "gbps": b.nbytes * 8 / b.one_way_s / 1e9, "latency_us": s.one_way_s * 1e6}
+            for b, s in zip(bulk, small)]
+
+
+def hop_figures(ranks: list[dict], links: list[dict]) -> list[dict]:
+    """Per ring hop r -> r+1 (and the last -> 0): the bytes the benchmark sent over it and its
+    probed link (with 2 ranks both directions share the one link probed)."""
+    size = len(ranks)
+    if size < 2 or not links:
+        return []
+    by_pair = {}
+    for link in links:
+        by_pair[(link["from"], link["to"])] = by_pair[(link["to"], link["from"])] = link
+    hops = []
+    for r in ranks:
+        src, dst = r["rank"], (r["rank"] + 1) % size
+        link = by_pair.get((src, dst))
+        if link is None:
+            continue
+        gbps = link["gbps"]
+        hops.append({"from": src, "to": dst, "bytes": r["bytes_sent"],
+                     "link_s": r["bytes_sent"] * 8 / (gbps * 1e9) if gbps > 0 else 0.0,
+                     "gbps": gbps, "latency_us": link["latency_us"],
+                     "probe_bytes": link["probe_bytes"]})
+    return hops
 
 
 def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -96,20 +144,33 @@ def machine_info(driver: Driver) -> dict:
     device, blas_name, _ = blas.describe()
     import mlx_lm
 
+    h = driver.stage.embed(mx.array([[1]]))  # what one token puts on the wire: [1, 1, D]
     return {"ranks": len(ranks), "hosts": sorted({r["host"] for r in ranks}),
+            "hidden_size": h.shape[-1], "activation_dtype": str(h.dtype).split(".")[-1],
+            "bytes_per_token": h.shape[-1] * h.dtype.size,
             "layers": [r["layer_range"] for r in ranks], "device": device, "blas": blas_name,
             "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "git_commit": commit}
+            "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "git_commit": commit,
+            "load_avg": _load_avg()}
+
+
+def _load_avg() -> list[float] | None:
+    """Rank 0's host's 1/5/15-minute load averages: other work on the box skews the figures."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def run_bench(driver: Driver, prompt_tokens: list[int], gen_tokens: int, concurrency: list[int],
               repeats: int, warmup: int, prefill_tokens: int | None, prefill_chunks: list[int],
-              json_out: Path | None) -> dict:
+              json_out: Path | None, plot_out: Path | None = None, label: str | None = None,
+              links: list[dict] | None = None) -> dict:
     vocab = driver.stage.embed_tokens.weight.shape[0]
     if hasattr(driver.stage.embed_tokens, "scales"):  # quantized: packed weight columns
         vocab = driver.stage.embed_tokens.scales.shape[0]
-    results = {"machine": machine_info(driver), "gen_tokens": gen_tokens, "decode": [],
-               "prefill": []}
+    results = {"label": label, "machine": machine_info(driver), "gen_tokens": gen_tokens,
+               "repeats": repeats, "warmup": warmup, "decode": [], "prefill": []}
     for p in prompt_tokens:
         for c in concurrency:
             figs = {k: Figure() for k in ("ttft_s", "decode_tps", "total_tps")}
@@ -136,15 +197,24 @@ def run_bench(driver: Driver, prompt_tokens: list[int], gen_tokens: int, concurr
             print(f"bench: prefill {prefill_tokens} tokens, chunk {chunk}: "
                   f"{fig.summary()['median']:.3f} s", file=sys.stderr, flush=True)
     results["ranks"] = driver.rank_stats()
+    results["machine"]["load_avg_end"] = _load_avg()
+    results["hops"] = hop_figures(results["ranks"], links or [])
     print(markdown(results))
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))
+    if plot_out:
+        from .bench_plot import plot
+
+        plot([results], plot_out)
+        print(f"bench: plot written to {plot_out}", file=sys.stderr, flush=True)
     return results
 
 
 def markdown(results: dict) -> str:
     m = results["machine"]
-    lines = [f"ranks {m['ranks']} ({', '.join(m['hosts'])}), device {m['device']}, BLAS {m['blas']}",
+    load = m.get("load_avg_end") or m.get("load_avg")
+    lines = [f"ranks {m['ranks']} ({', '.join(m['hosts'])}), device {m['device']}, BLAS {m['blas']}"
+             + (f", load average {load[0]} (1 min, at the end)" if load else ""),
              "", "| prompt | concurrency | TTFT s (min-max) | decode tok/s aggregate (min-max) "
              "| per sequence |", "|---|---|---|---|---|"]
     for r in results["decode"]:
@@ -158,10 +228,18 @@ def markdown(results: dict) -> str:
             t = r["time_s"]
             lines.append(f"| {r['prompt_tokens']} | {r['chunk']} | {t['median']:.3f} "
                          f"({t['min']:.3f}-{t['max']:.3f}) | {r['prompt_tokens'] / t['median']:.0f} |")
-    lines += ["", "| rank | host | layers | weights MiB | peak memory MiB | bytes sent |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| rank | host | layers | weights MiB | peak memory MiB | compute s | waiting s "
+              "| bytes sent |", "|---|---|---|---|---|---|---|---|"]
     for r in results["ranks"]:
         lines.append(f"| {r['rank']} | {r['host']} | {r['layer_range'][0]}-{r['layer_range'][1] - 1} "
                      f"| {r['weight_bytes'] / 2**20:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} "
-                     f"| {r['bytes_sent']} |")
+                     f"| {r['compute_s']:.2f} | {r['wait_s']:.2f} | {r['bytes_sent']} |")
+    if results.get("hops"):
+        probe = results["hops"][0]["probe_bytes"] / 2**20
+        lines += ["", f"| hop | bytes sent | link Gbit/s (ping-pong, {probe:g} MiB) | one-way latency "
+                  "us (4 KiB) | link busy s (bytes at that rate) |", "|---|---|---|---|---|"]
+        for h in results["hops"]:
+            lines.append(f"| {h['from']} -> {h['to']} | {h['bytes']} | {h['gbps']:.2f} "
+                         f"| {h['latency_us']:.0f} | {h['link_s']:.3f} |")
     return "\n".join(lines)
+

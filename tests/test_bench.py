@@ -1,17 +1,37 @@
-"""Smoke run of `bench` (tiny model, one repeat): the JSON holds sane figures for every rank."""
+"""Smoke run of `bench` (tiny model, one repeat): the JSON holds sane figures for every rank and
+hop, --plot draws a PNG, and bench-links' table is built from such JSON (no long benchmark here)."""
 
+import copy
+import importlib.machinery
+import importlib.util
 import json
+import subprocess
+import sys
 
-from conftest import run_pipeline
+import pytest
+
+from conftest import ROOT, run_pipeline
+
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_smoke(model_dir, tmp_path):
-    out = tmp_path / "bench.json"
+@pytest.fixture(scope="module")
+def smoke(model_dir, tmp_path_factory):
+    """One 2-rank bench run: (process, results, plot path or None)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    out, png = tmp / "bench.json", tmp / "bench.png"
+    plot = ["--plot", str(png)] if HAVE_MATPLOTLIB else []
     proc = run_pipeline(2, "bench", "--model", str(model_dir("tiny-llama")), "--prompt-tokens", "8",
                         "--gen-tokens", "6", "--concurrency", "1,4", "--repeats", "1", "--warmup",
-                        "0", "--prefill-tokens", "40", "--prefill-chunks", "8,40", "--json", str(out))
+                        "0", "--prefill-tokens", "40", "--prefill-chunks", "8,40", "--label", "smoke",
+                        "--json", str(out), *plot)
     assert proc.returncode == 0, proc.stderr
-    r = json.loads(out.read_text())
+    return proc, json.loads(out.read_text()), png if plot else None
+
+
+def test_bench_smoke(smoke):
+    proc, r, _ = smoke
     assert [d["concurrency"] for d in r["decode"]] == [1, 4]
     for d in r["decode"]:
         assert d["decode_tps"]["median"] > 0 and d["ttft_s"]["min"] <= d["ttft_s"]["max"]
@@ -20,4 +40,107 @@ def test_bench_smoke(model_dir, tmp_path):
     assert r["machine"]["ranks"] == 2 and r["machine"]["blas"] and r["machine"]["mlx"]
     assert [x["rank"] for x in r["ranks"]] == [0, 1]
     assert all(x["compute_s"] > 0 and x["bytes_sent"] > 0 for x in r["ranks"])
+    assert r["label"] == "smoke" and r["repeats"] == 1
+    assert len(r["machine"]["load_avg"]) == len(r["machine"]["load_avg_end"]) == 3  # Linux, macOS
     assert "| prompt | concurrency |" in proc.stdout  # the markdown table
+
+
+def test_bench_hops(smoke):
+    """Per hop: the bytes bench sent over it and the link's ping-pong bandwidth and latency."""
+    proc, r, _ = smoke
+    m = r["machine"]
+    assert m["hidden_size"] == 64 and m["activation_dtype"] == "float32"
+    assert m["bytes_per_token"] == 64 * 4
+    hops = r["hops"]
+    assert [(h["from"], h["to"]) for h in hops] == [(0, 1), (1, 0)]
+    sent = {x["rank"]: x["bytes_sent"] for x in r["ranks"]}
+    for h in hops:
+        assert h["bytes"] == sent[h["from"]] > 0
+        assert h["gbps"] > 0 and h["latency_us"] > 0 and h["probe_bytes"] == 4 * 2**20
+        assert h["link_s"] == pytest.approx(h["bytes"] * 8 / (h["gbps"] * 1e9))
+    # every activation of the prompts and of each decode step crossed hop 0 -> 1
+    assert sent[0] >= m["bytes_per_token"] * (8 + 4 * 8 + 40)
+    assert "| hop | bytes sent | link Gbit/s" in proc.stdout and "| 0 -> 1 |" in proc.stdout
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed (make install adds it)")
+def test_bench_plot(smoke, tmp_path):
+    """--plot draws one run; --from-json draws several against their labels, without mpirun."""
+    _, r, png = smoke
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
+    runs = []
+    for label in ("1gbe", "tb4"):
+        run = copy.deepcopy(r)
+        run["label"] = label
+        path = tmp_path / f"{label}.json"
+        path.write_text(json.dumps(run))
+        runs.append(str(path))
+    many = tmp_path / "links.png"
+    proc = run_pipeline(0, "bench", "--from-json", ",".join(runs), "--plot", str(many))
+    assert proc.returncode == 0, proc.stderr
+    assert many.read_bytes()[:8] == PNG_MAGIC and many.stat().st_size > 10_000
+
+
+def test_bench_from_json_errors(tmp_path):
+    proc = run_pipeline(0, "bench", "--from-json", str(tmp_path / "missing.json"), "--plot",
+                        str(tmp_path / "x.png"))
+    assert proc.returncode == 2 and proc.stderr.startswith("pipeline: error: cannot read")
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    proc = run_pipeline(0, "bench", "--from-json", str(tmp_path / "other.json"), "--plot",
+                        str(tmp_path / "x.png"))
+    assert proc.returncode == 2 and "is not the JSON of `bench --json`" in proc.stderr
+    proc = run_pipeline(0, "bench", "--from-json", str(tmp_path / "other.json"))
+    assert proc.returncode == 2 and "add --plot" in proc.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def _bench_links():
+    loader = importlib.machinery.SourceFileLoader("bench_links", str(ROOT / "launch" / "bench-links"))
+    spec = importlib.util.spec_from_loader("bench_links", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_bench_links_table(smoke, tmp_path):
+    """bench-links' table from real bench JSON: one row per link, ratios against tb4."""
+    bl = _bench_links()
+    _, r, _ = smoke
+    rows = []
+    for label, scale in (("1gbe", 0.5), ("tb4", 1.0)):
+        run = copy.deepcopy(r)
+        run["label"] = label
+        for d in run["decode"]:
+            d["decode_tps"]["median"] *= scale
+        for h in run["hops"]:
+            h["gbps"] = 0.94 if label == "1gbe" else 14.5
+        rows.append(bl.summarize(run, [1, 4]))
+        (tmp_path / f"{label}.json").write_text(json.dumps(run))
+    assert rows[0]["link_s"] == max(h["link_s"] for h in r["hops"])
+    assert rows[0]["decode_lo"] == pytest.approx(rows[1]["decode_lo"] * 0.5)
+    assert rows[0]["hops"] == [(0, 1, 0.94), (1, 0, 0.94)]
+    assert rows[1]["prefill_tps"] == pytest.approx(
+        max(40 / p["time_s"]["median"] for p in r["prefill"]))
+    lines = bl.table(rows, [1, 4]).splitlines()
+    assert lines[0].startswith("| link | hop Gbit/s") and "decode c=4 vs tb4" in lines[0]
+    assert len(lines) == 4
+    one, tb4 = (line.split(" | ") for line in lines[2:])
+    assert one[0] == "| 1gbe" and one[1] == "0->1 0.94, 1->0 0.94"
+    assert one[-2:] == ["0.50x", "0.50x |"] and tb4[-2:] == ["1.00x", "1.00x |"]
+    with pytest.raises(ValueError, match="concurrency"):
+        bl.summarize(r, [1, 8])
+    with pytest.raises(SystemExit):
+        bl.parse_args(["--links", "1gbe,wifi"])
+    a = bl.parse_args(["--links", "1gbe, tb4", "--concurrency", "2,16"])
+    assert a.links == ["1gbe", "tb4"] and a.concurrency == [2, 16]
+    assert [bl.even_split(30, 2), bl.even_split(30, 4), bl.even_split(7, 3)] == ["15,15", "7,7,8,8",
+                                                                                 "2,2,3"]
+    # --no-run: the table again from saved JSON, no root or cluster needed
+    cmd = [sys.executable, str(ROOT / "launch" / "bench-links"), "--no-run", "--links", "1gbe,tb4",
+           "--concurrency", "1,4", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "| 1gbe | 0->1 0.94, 1->0 0.94 |" in proc.stdout and "| tb4 | 0->1 14.50" in proc.stdout
+    assert (tmp_path / "links.md").read_text().strip() == proc.stdout.strip()
+    proc = subprocess.run([*cmd[:-1], str(tmp_path / "none")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("bench-links: error: --no-run: no ")
