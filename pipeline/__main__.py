@@ -5,11 +5,20 @@
     python -m pipeline make-model --like tiny-llama OUT    # random-weight model for tests
 """
 
-from .blas import ensure_fast_blas
+import os
+import signal
+
+# Ctrl-C under launch/mpirun arrives as SIGUSR1 (see repl.INTERRUPTS) at every rank. The
+# ranks other than 0 ignore it from the start (an ignored signal stays ignored across the
+# BLAS re-exec below); rank 0 decides: its commands set handlers, and before that (start-up)
+# the signal ends rank 0 and with it the job, as Ctrl-C should.
+if hasattr(signal, "SIGUSR1") and os.environ.get("OMPI_COMM_WORLD_RANK", "0") != "0":
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+from .blas import ensure_fast_blas  # noqa: E402
 
 ensure_fast_blas()  # re-execs with OpenBLAS preloaded; must run before mlx is imported
 
-import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
@@ -17,6 +26,9 @@ from typing import Optional  # noqa: E402
 import typer  # noqa: E402
 
 from .generate import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_CHUNK, Sampling  # noqa: E402
+from .serve import (  # noqa: E402
+    DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PORT,
+)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,6 +59,9 @@ def _run(opts, body) -> None:
     comm = MPI.COMM_WORLD
     try:
         driver = runtime.start(opts, comm)
+    except KeyboardInterrupt:  # Ctrl-C while loading: end the job (mpirun stops the others)
+        print("pipeline: interrupted during start-up", file=sys.stderr, flush=True)
+        os._exit(130)
     except runtime.JobError as e:
         if e.message:
             print(f"pipeline: error: {e.message}", file=sys.stderr, flush=True)
@@ -92,10 +107,15 @@ MAX_CONTEXT = typer.Option(None, "--max-context", help="KV-cache tokens each ran
                            "for [default: the model's context length, else 8192].")
 MEMORY_FRACTION = typer.Option(0.8, "--memory-fraction",
                                help="Share of each rank's memory the placement may use.")
+DISTRIBUTE = typer.Option(None, "--distribute/--no-distribute",
+                          help="Send each rank the model files it lacks or holds differently "
+                          "from rank 0 (sha256-checked); --distribute also for hub repos "
+                          "(rank 0 downloads, sends); --no-distribute: stop instead. "
+                          "Default: send when needed.")
 
 
 def _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, hostfile=None,
-             max_context=None, memory_fraction=0.8):
+             max_context=None, memory_fraction=0.8, distribute=None):
     """Check what every rank can check alone, then the job's options."""
     from .load import default_dtype
     from .runtime import Options
@@ -114,7 +134,8 @@ def _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, 
         _fail("--max-context must be at least 1")
     return Options(model=model, split=split, dtype=dtype or default_dtype(), verbose=verbose,
                    prefill_chunk=prefill_chunk, dequantize=dequantize, hostfile=hostfile,
-                   max_context=max_context, memory_fraction=memory_fraction)
+                   max_context=max_context, memory_fraction=memory_fraction,
+                   distribute=distribute)
 
 
 @app.callback(invoke_without_command=True)
@@ -129,7 +150,8 @@ def main(
     dequantize: Optional[bool] = DEQUANTIZE, ignore_eos: bool = IGNORE_EOS,
     as_json: bool = typer.Option(False, "--json", help="One-shot: print a JSON object with tokens and stats."),
     hostfile: Optional[str] = HOSTFILE, max_context: Optional[int] = MAX_CONTEXT,
-    memory_fraction: float = MEMORY_FRACTION, verbose: bool = VERBOSE,
+    memory_fraction: float = MEMORY_FRACTION, distribute: Optional[bool] = DISTRIBUTE,
+    verbose: bool = VERBOSE,
 ):
     """Chat with (or, with --prompt, run once) an LLM split by layers across MPI ranks."""
     if ctx.invoked_subcommand is not None:
@@ -137,7 +159,7 @@ def main(
     sampling = Sampling(temp=temp, top_p=top_p, min_p=min_p, seed=seed,
                         max_tokens=max_tokens, ignore_eos=ignore_eos)
     opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, hostfile,
-                    max_context, memory_fraction)
+                    max_context, memory_fraction, distribute)
     if prompt is not None and not prompt.strip():
         _fail("--prompt is empty: give some text")
     from .repl import run_one_shot, run_repl
@@ -160,7 +182,8 @@ def batch_cmd(
     dtype: Optional[str] = DTYPE, prefill_chunk: int = PREFILL_CHUNK,
     dequantize: Optional[bool] = DEQUANTIZE, ignore_eos: bool = IGNORE_EOS,
     hostfile: Optional[str] = HOSTFILE, max_context: Optional[int] = MAX_CONTEXT,
-    memory_fraction: float = MEMORY_FRACTION, verbose: bool = VERBOSE,
+    memory_fraction: float = MEMORY_FRACTION, distribute: Optional[bool] = DISTRIBUTE,
+    verbose: bool = VERBOSE,
 ):
     """Run a file of prompts with micro-batched pipelining; results stream into OUT."""
     from .batch import BatchFileError, Defaults, check_output, run_batch
@@ -168,7 +191,7 @@ def batch_cmd(
     sampling = Sampling(temp=temp, top_p=top_p, min_p=min_p, seed=seed,
                         max_tokens=max_tokens, ignore_eos=ignore_eos)
     opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, hostfile,
-                    max_context, memory_fraction)
+                    max_context, memory_fraction, distribute)
     if concurrency < 1:
         _fail("--concurrency must be at least 1")
     try:
@@ -204,20 +227,85 @@ def bench_cmd(
     prefill_chunks: str = typer.Option("128,256,512", "--prefill-chunks",
                                        help="Chunk sizes tried for that prefill."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Draw tok/s against concurrency "
+                                            "(or, with --from-json, against the runs) to this PNG."),
+    label: Optional[str] = typer.Option(None, "--label", help="Name of this run in the JSON and "
+                                        "plots, e.g. the link [default: N ranks]."),
+    from_json: Optional[str] = typer.Option(None, "--from-json", help="No benchmark: plot these "
+                                            "runs' JSON files (comma-separated) with --plot."),
     split: Optional[str] = SPLIT, dtype: Optional[str] = DTYPE,
-    dequantize: Optional[bool] = DEQUANTIZE, verbose: bool = VERBOSE,
+    dequantize: Optional[bool] = DEQUANTIZE, distribute: Optional[bool] = DISTRIBUTE,
+    verbose: bool = VERBOSE,
 ):
     """Measure TTFT, decode and prefill throughput of this job (random prompts, EOS ignored)."""
-    from .bench import run_bench
+    import importlib.util
 
+    from .bench import probe_links, run_bench
+    from .bench_plot import plot_files
+
+    if plot_out is not None and _rank() == 0 and importlib.util.find_spec("matplotlib") is None:
+        _fail("--plot needs matplotlib: pip install 'matplotlib>=3.7' (make install does)")
+    if from_json is not None:
+        if plot_out is None:
+            _fail("--from-json only plots: add --plot OUT.png")
+        try:
+            plot_files([Path(f) for f in from_json.split(",") if f.strip()], plot_out)
+        except ValueError as e:
+            _fail(str(e))
+        raise typer.Exit(0)
     opts = _options(model, split, dtype, verbose, DEFAULT_PREFILL_CHUNK, dequantize,
-                    Sampling(max_tokens=gen_tokens))
+                    Sampling(max_tokens=gen_tokens), distribute=distribute)
     args = (_int_list(prompt_tokens, "--prompt-tokens"), gen_tokens,
             _int_list(concurrency, "--concurrency"), repeats, warmup, prefill_tokens,
-            _int_list(prefill_chunks, "--prefill-chunks"), json_out)
+            _int_list(prefill_chunks, "--prefill-chunks"), json_out, plot_out, label)
     if repeats < 1 or warmup < 0:
         _fail("--repeats must be at least 1 and --warmup at least 0")
-    _run(opts, lambda d: run_bench(d, *args))
+    from mpi4py import MPI
+
+    links = probe_links(MPI.COMM_WORLD)  # collective: each ring link, before the model loads
+    _run(opts, lambda d: run_bench(d, *args, links))
+
+
+@app.command("serve")
+def serve_cmd(
+    host: str = typer.Option(DEFAULT_HOST, "--host", help="Address to listen on (127.0.0.1: "
+                             "this machine only; 0.0.0.0: every interface)."),
+    port: int = typer.Option(DEFAULT_PORT, "--port", help="TCP port (0: any free one)."),
+    concurrency: int = typer.Option(DEFAULT_CONCURRENCY, "--concurrency", "-c",
+                                     help="Requests generated at once."),
+    max_queue: int = typer.Option(DEFAULT_MAX_QUEUE, "--max-queue", help="Requests waiting beyond "
+                                  "--concurrency; more are refused with 429."),
+    model: Optional[str] = MODEL,
+    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens",
+                                   help="Default max_tokens of a request that gives none."),
+    split: Optional[str] = SPLIT, dtype: Optional[str] = DTYPE, prefill_chunk: int = PREFILL_CHUNK,
+    dequantize: Optional[bool] = DEQUANTIZE, hostfile: Optional[str] = HOSTFILE,
+    max_context: Optional[int] = MAX_CONTEXT, memory_fraction: float = MEMORY_FRACTION,
+    distribute: Optional[bool] = DISTRIBUTE, verbose: bool = VERBOSE,
+):
+    """OpenAI-compatible API (/v1) and a chat page (/) on rank 0; the other ranks serve layers."""
+    from .serve import listen_socket, model_name, run_serve
+
+    opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize,
+                    Sampling(max_tokens=max_tokens), hostfile, max_context, memory_fraction,
+                    distribute)
+    if concurrency < 1 or max_queue < 0:
+        _fail("--concurrency must be at least 1 and --max-queue at least 0")
+    if not 0 <= port <= 65535:
+        _fail(f"--port {port} is outside 0-65535")
+    sock, error = None, None
+    if _rank() == 0:  # claim the port now; a taken one is reported once the ranks are up
+        try:
+            sock = listen_socket(host, port)
+        except ValueError as e:
+            error = str(e)
+
+    def body(driver):
+        if error:
+            raise ValueError(error)
+        run_serve(driver, sock, model_name(model), concurrency, max_queue, max_tokens, verbose)
+
+    _run(opts, body)
 
 
 @app.command("make-model")

@@ -42,6 +42,7 @@ class Sequence:
     started: float = 0.0
     first_token: float = 0.0
     finished: float = 0.0
+    cancelled: bool = False  # set from any thread: the engine ends it at its next step
     _key: object = None
 
     def sample(self, logprobs: mx.array) -> int:
@@ -140,8 +141,14 @@ class Engine:
             self._control(OP_JOIN, mb, [sid for sid, _ in joining])
             batch.extend(seq for _, seq in joining)
 
-    def run(self, sequences: Iterable[Sequence], on_done: Callable[[Sequence], None]) -> None:
-        """Generate every sequence; `on_done` gets each as soon as it finishes."""
+    def run(self, sequences: Iterable[Sequence], on_done: Callable[[Sequence], None],
+            on_token: Callable[[Sequence, int], None] | None = None) -> None:
+        """Generate every sequence; `on_done` gets each as soon as it finishes, `on_token` each
+        token of the answer as it comes (not an EOS that ends it).
+
+        `sequences` may be an iterator that has nothing now and more later (the server's
+        queue): new ones are taken whenever a micro-batch has room; run returns once every
+        sequence taken is done and the iterator has nothing."""
         pending = iter(sequences)
         if self.driver.ring is not None:
             send_request(self.driver.comm, {"op": "batch"})
@@ -170,10 +177,14 @@ class Engine:
                     if not seq.tokens:
                         seq.first_token = now
                     seq.tokens.append(token)
+                    if on_token is not None and (token not in self.eos or seq.ignore_eos):
+                        on_token(seq, token)
                     if token in self.eos and not seq.ignore_eos:
                         seq.finish_reason = "stop"
                     elif len(seq.tokens) >= seq.max_tokens:
                         seq.finish_reason = "length"
+                    elif seq.cancelled:
+                        seq.finish_reason = "cancelled"
                     elif self.interrupted:
                         seq.finish_reason = "interrupted"
                     else:
@@ -188,6 +199,12 @@ class Engine:
                 if batch:
                     self._step(mb, batch)
                     in_flight += 1
+                for idle_mb, idle in batches.items():  # late arrivals also fill empty ones
+                    if not idle:
+                        self._admit(idle_mb, idle, pending)
+                        if idle:
+                            self._step(idle_mb, idle)
+                            in_flight += 1
                 self.stage.compute_s += time.perf_counter() - busy
         finally:
             self.table.clear()

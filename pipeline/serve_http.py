@@ -1,0 +1,205 @@
+"""The HTTP side of `serve` (rank 0, its own thread and asyncio loop): routes, streaming, limits.
+
+Requests become engine Sequences put on the Inbox; the main thread runs them and hands each
+token back with loop.call_soon_threadsafe (Job.token / Job.done), and this side detokenizes,
+cuts at stop strings and writes JSON or server-sent events. A request that ends early (a stop
+string, a client that went away) sets `seq.cancelled`, and the engine drops it on every rank
+at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HttpRequest
+from starlette.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from . import serve_api as api
+from .engine import Sequence
+
+STATIC = Path(__file__).parent / "static"
+FINISH = {"stop": "stop", "length": "length"}  # engine reasons -> OpenAI's; others: "stop"
+
+
+class Job:
+    """One request in flight: the queue its tokens arrive on, and what came of it."""
+
+    def __init__(self, state, req: api.Request):
+        self.state, self.req = state, req
+        self.seq = Sequence(id=id(self), prompt=req.prompt, max_tokens=req.max_tokens,
+                            temp=req.temp, top_p=req.top_p, min_p=req.min_p, seed=req.seed,
+                            ignore_eos=req.ignore_eos, extra={"job": self})
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.detok = state.tokenizer.detokenizer  # a fresh copy per access
+        self.stops = api.StopText(req.stop)
+        self.arrived = time.perf_counter()
+        self.tokens = 0
+        self.finish_reason: str | None = None
+        self.released = False
+
+    # called on the event loop, scheduled by the main thread
+    def token(self, token: int) -> None:
+        self.events.put_nowait(token)
+
+    def done(self) -> None:
+        self.events.put_nowait(None)
+
+    async def pieces(self):
+        """Text as it is generated, cut at a stop string; sets finish_reason at the end."""
+        while self.finish_reason is None:
+            token = await self.events.get()
+            if token is None:
+                self.detok.finalize()
+                text, hit = self.stops.feed(self.detok.last_segment)
+                text += "" if hit else self.stops.flush()
+                self._finish("stop" if hit else FINISH.get(self.seq.finish_reason, "stop"))
+            else:
+                self.tokens += 1
+                self.detok.add_token(token)
+                text, hit = self.stops.feed(self.detok.last_segment)
+                if hit:
+                    self._finish("stop")
+            if text:
+                yield text
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        if self.seq.finish_reason == "stop":
+            self.tokens += 1  # the EOS token counts as generated, as in batch results
+        self.state.record(self)
+        self.release()
+
+    def usage(self) -> dict:
+        return api.usage(len(self.req.prompt), self.tokens)
+
+    def release(self) -> None:
+        """Free the slot (idempotent); unless finished, the engine drops the sequence."""
+        if self.released:
+            return
+        self.released = True
+        self.seq.cancelled = True  # no effect on a sequence the engine has finished
+        self.state.active -= 1
+
+
+class JobStream(StreamingResponse):
+    """Server-sent events whose slot is freed however the response ends (even a client gone
+    before the first event)."""
+
+    def __init__(self, job: Job, events):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.release()
+
+
+def _error(e: api.ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _disconnected(request: HttpRequest) -> None:
+    """Returns when the client goes away (the body has been read: nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def make_app(state) -> Starlette:
+    """The ASGI app over `state` (a serve.Server: tokenizer, limits, inbox, figures)."""
+
+    async def generate(request: HttpRequest, kind: str):
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            return _error(api.ApiError(400, "the request body is not valid JSON"))
+        try:
+            req = api.parse(body, kind, state.tokenizer, state.context, state.max_tokens,
+                            state.vocab)
+            state.admit()  # raises 429/503 when full or closing
+        except api.ApiError as e:
+            return _error(e)
+        job = Job(state, req)
+        state.submit(job)
+        rid, created = api.new_id(kind), api.now()
+        if req.stream:
+            return JobStream(job, _events(job, kind, rid, created, state.model))
+        collect = asyncio.ensure_future(_collect(job))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not collect.done():
+                collect.cancel()
+            job.release()
+        if not collect.done() or collect.cancelled():
+            return _error(api.ApiError(503, "the client went away"))  # nobody is listening
+        return JSONResponse(api.response(kind, rid, created, state.model, collect.result(),
+                                         job.finish_reason, job.usage()))
+
+    async def chat(request):
+        return await generate(request, "chat")
+
+    async def completions(request):
+        return await generate(request, "completion")
+
+    async def models(_):
+        return JSONResponse(api.models(state.model, state.created, state.context))
+
+    async def health(_):
+        if state.closing:
+            return JSONResponse({"status": "closing"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def stats(_):
+        return JSONResponse(state.stats())
+
+    async def index(_):
+        return FileResponse(STATIC / "index.html")
+
+    async def http_error(_, exc: HTTPException):
+        return _error(api.ApiError(exc.status_code, str(exc.detail),
+                                   kind="not_found_error" if exc.status_code == 404
+                                   else "invalid_request_error"))
+
+    routes = [
+        Route("/", index),
+        Route("/health", health),
+        Route("/stats", stats),
+        Route("/v1/models", models),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+async def _collect(job: Job) -> str:
+    return "".join([text async for text in job.pieces()])
+
+
+async def _events(job: Job, kind: str, rid: str, created: int, model: str):
+    # The role event goes first, as OpenAI's does (before any token, even while queued).
+    if kind == "chat":
+        yield _sse(api.chunk(kind, rid, created, model, first=True))
+    async for text in job.pieces():
+        yield _sse(api.chunk(kind, rid, created, model, text))
+    yield _sse(api.chunk(kind, rid, created, model, finish_reason=job.finish_reason))
+    if job.req.include_usage:
+        yield _sse(api.chunk(kind, rid, created, model, usage_=job.usage()))
+    yield "data: [DONE]\n\n"
