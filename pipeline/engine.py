@@ -108,7 +108,9 @@ class Engine:
 
     def _forward(self, mb: int, tokens: mx.array, want: bool) -> None:
         """Embed tokens: [B, L], run rank 0's layers and pass the result on."""
-        h = self.stage.forward(self.stage.embed(tokens), self.table.get(mb))
+        ring = self.driver.ring
+        h = self.stage.forward(self.stage.embed(tokens), self.table.get(mb),
+                               ring.progress if ring is not None and ring.sending else None)
         mx.eval(h)
         if self.driver.ring is None:
             if want:

@@ -147,7 +147,8 @@ def serve(comm, stage: Stage, weight_bytes: int) -> None:
                     steps += 1
                     _injected_fault(ring.rank, steps)
                 start = time.perf_counter()
-                msg.h = stage.forward(msg.h, table.get(msg.mb))
+                msg.h = stage.forward(msg.h, table.get(msg.mb),
+                                      ring.progress if ring.sending else None)
                 mx.eval(msg.h)
                 stage.compute_s += time.perf_counter() - start
                 if not ring.is_last_stage or msg.flags & FLAG_RETURN:
@@ -200,7 +201,9 @@ class Driver:
         if FAULT:
             self.steps += 1
             _injected_fault(0, self.steps)
-        h = self.stage.forward(self.stage.embed(mx.array([tokens])))  # h: [1, L, D]
+        ring = self.ring
+        progress = ring.progress if ring is not None and ring.sending else None
+        h = self.stage.forward(self.stage.embed(mx.array([tokens])), progress=progress)
         self.fed.extend(tokens)
         if self.ring is None:
             if want_logits:

@@ -152,9 +152,10 @@ class Stage:
         post = SUPPORTED_MODEL_TYPES.get(self.model_type)
         return post(self.args, h) if post else h
 
-    def forward(self, h: mx.array, caches: list | None = None) -> mx.array:
+    def forward(self, h: mx.array, caches: list | None = None, progress=None) -> mx.array:
         """Run this stage's layers on h: [B, L, D], updating `caches` (default: the
-        conversation's own caches)."""
+        conversation's own caches). `progress`, if given, is called after each layer (its
+        output evaluated): the ring uses it to keep earlier sends moving (see Ring.progress)."""
         if caches is None:
             if not self.caches:
                 self.reset()
@@ -165,6 +166,9 @@ class Stage:
                 h, cache, window_size=window if _is_sliding(layer) else None
             )
             h = layer(h, mask, cache)
+            if progress is not None:
+                mx.eval(h)
+                progress()
         return h
 
     def logits(self, h: mx.array) -> mx.array:

@@ -72,6 +72,18 @@ class Ring:
             reqs, _ = self._inflight.pop(0)
             MPI.Request.Waitall(reqs)
 
+    @property
+    def sending(self) -> bool:
+        """Whether earlier messages may still be on their way."""
+        return bool(self._inflight)
+
+    def progress(self) -> None:
+        """Let MPI move posted sends while this rank computes. Over TCP, Open MPI only moves a
+        large message during MPI calls: without this a prefill chunk would wait at the sender
+        until it posts the next one (a whole chunk's compute later)."""
+        while self._inflight and MPI.Request.Testall(self._inflight[0][0]):
+            self._inflight.pop(0)
+
     def send(self, msg: Message) -> None:
         """Post header (+ activation or payload) to the next rank without waiting for delivery.
 
