@@ -48,6 +48,7 @@ class Message:
 
 
 SEND_DEPTH = 4  # messages a rank may have posted and not yet delivered
+PROGRESS_BYTES = 256 * 1024  # messages above this are pushed along between layers
 
 
 class Ring:
@@ -74,8 +75,9 @@ class Ring:
 
     @property
     def sending(self) -> bool:
-        """Whether earlier messages may still be on their way."""
-        return bool(self._inflight)
+        """Whether a large message may still be on its way (worth calling progress() for).
+        Small ones (decode steps) go eagerly or finish in the next blocking receive."""
+        return any(bufs[-1].nbytes > PROGRESS_BYTES for _, bufs in self._inflight)
 
     def progress(self) -> None:
         """Let MPI move posted sends while this rank computes. Over TCP, Open MPI only moves a

@@ -36,6 +36,17 @@ def check_rows_first(out_dim: int, in_dim: int, bias: bool) -> None:
         assert mx.array_equal(a, b).item(), (out_dim, in_dim, bias, batch, length)
 
 
+def check_tied_head() -> None:
+    """The tied head as Stage.logits takes it on a CPU, (E @ h.T).T, gives as_linear's logits
+    exactly. (A [D, V] copy, h @ E.T-contiguous, would be faster still but is NOT equal for
+    small shapes with OpenBLAS's small-matrix kernels, so it is not used.)"""
+    for vocab, dim in [(32000, 1024), (49152, 576), (256, 64), (1000, 128), (300, 48)]:
+        emb = nn.Embedding(vocab, dim)
+        for rows in (1, 2, 3, 4, 7, 16, 33, 64, ROWS_FIRST_MAX_ROWS):
+            h = mx.random.normal((rows, dim))
+            assert mx.array_equal((emb.weight @ h.T).T, emb.as_linear(h)).item(), (vocab, dim, rows)
+
+
 def test_rows_first_linear_is_bitwise_equal_with_openblas():
     """Where the ranks use it: with OpenBLAS preloaded (it is only switched on there)."""
     lib = find_openblas()
@@ -44,6 +55,7 @@ def test_rows_first_linear_is_bitwise_equal_with_openblas():
     code = ("import tests.test_rows_first as t\n"
             "for s in t.SHAPES:\n"
             "    for bias in (False, True): t.check_rows_first(*s, bias)\n"
+            "t.check_tied_head()\n"
             "print('all equal')")
     env = dict(os.environ, LD_PRELOAD=lib, OPENBLAS_NUM_THREADS="1",
                PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
