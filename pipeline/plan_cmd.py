@@ -21,7 +21,7 @@ from .cluster import Capacity, CapacityError, gather_capacities, measure_capacit
 from .hostfile import HostEntry, HostfileError, read_hostfile, rank_entries
 from .gguf import GGUFError
 from .load import ModelError, read_config, resolve_model
-from .model_cost import default_max_context, model_cost, quantized_alternatives
+from .model_cost import config_cost, default_max_context, model_cost, quantized_alternatives
 from .placement import (DEFAULT_MEMORY_FRACTION, HEADROOM_BYTES, ModelCost, Node, Plan,
                         PlanError, check_split, fmt_bytes, hop_seconds, plan_layers)
 from .plan import SplitError, parse_split
@@ -208,12 +208,17 @@ def preflight_plan(path: Path, config: dict, caps: list[Capacity] | None,
                    hops: list[float] | None = None, *, hostfile: str | None = None,
                    max_context: int | None = None,
                    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
-                   dtype: str | None = None, split: str | None = None) -> Plan:
+                   dtype: str | None = None, split: str | None = None,
+                   dequantize: bool = False) -> Plan:
     """Rank 0, before anything is loaded: the placement of a run on the capacities from
     `measure_cluster` (capped by the hostfile's `mem=`), or `--split` checked against them.
+    `dequantize`: the run expands quantized weights at load, so plan with the dense sizes.
     Raises PlanError (a SplitError) saying which rank is short and what would fit, or
     HostfileError / ModelError."""
-    cost = model_cost(path, config, dtype)
+    if dequantize and (config.get("quantization") or config.get("quantization_config")):
+        cost = config_cost(config, dtype, quantization=None)
+    else:
+        cost = model_cost(path, config, dtype)
     nodes, _, _ = _nodes(caps, hostfile)
     return plan_job(cost, nodes, max_context or default_max_context(config),
                     memory_fraction=memory_fraction, split=split, hops=hops,

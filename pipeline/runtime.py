@@ -86,8 +86,14 @@ def _plan(opts: Options, path, config: dict, caps, hops, size: int) -> dict:
     check_rank_count(config["num_hidden_layers"], size)
     plan = preflight_plan(path, config, caps, hops, hostfile=opts.hostfile,
                           max_context=opts.max_context, memory_fraction=opts.memory_fraction,
-                          dtype=opts.dtype, split=opts.split)
+                          dtype=opts.dtype, split=opts.split, dequantize=_dequantize(opts))
     return {"split": plan.split, "repo": hub_repo(opts.model)}
+
+
+def _dequantize(opts: Options) -> bool:
+    if opts.dequantize is not None:
+        return opts.dequantize
+    return opts.model is None and blas.describe()[0] == "cpu"  # the embedded model on a CPU
 
 
 def start(opts: Options, comm=None):
@@ -134,9 +140,7 @@ def start(opts: Options, comm=None):
     stage, error = None, None
     try:
         log(f"loading layers {layer_range[0]}..{layer_range[1] - 1} from {path}")
-        dequantize = opts.dequantize
-        if dequantize is None:
-            dequantize = opts.model is None and blas.describe()[0] == "cpu"
+        dequantize = _dequantize(opts)
         stage = load_stage(path, config, layer_range, with_head=rank == 0,
                            dtype=opts.dtype, dequantize=dequantize)
         weight_bytes = resident_bytes(stage)

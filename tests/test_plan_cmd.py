@@ -161,3 +161,20 @@ def test_does_not_fit_under_mpirun_ends_every_rank(model_dir, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("pipeline: error:")]
     assert len(errors) == 1 and "does not fit" in errors[0]
     assert "rank 0 (" in proc.stderr and "rank 1 (" in proc.stderr and "short by" in proc.stderr
+
+
+def test_a_run_that_dequantizes_plans_with_dense_sizes(config_only_70b):
+    """The embedded model is expanded to float32 at load on a CPU: the plan must weigh (and
+    balance) the dense layers, not the 4-bit ones in the checkpoint."""
+    from pipeline.cluster import Capacity
+    from pipeline.plan_cmd import preflight_plan
+
+    config = json.loads((config_only_70b / "config.json").read_text())
+    caps = [Capacity(r, f"h{r}", 1024 * GiB, None, "cpu", "x", None, 100e9, None, "/")
+            for r in range(2)]
+    packed = preflight_plan(config_only_70b, config, caps, max_context=1024)
+    dense = preflight_plan(config_only_70b, config, caps, max_context=1024, dequantize=True,
+                           dtype="float32")  # what a CPU run holds
+    assert sum(r.weight_bytes for r in dense.ranks) > 6 * sum(r.weight_bytes for r in packed.ranks)
+    assert dense.ranks[0].weight_bytes / dense.ranks[0].layers > 6 * (
+        packed.ranks[0].weight_bytes / packed.ranks[0].layers)
