@@ -113,9 +113,15 @@ DISTRIBUTE = typer.Option(None, "--distribute/--no-distribute",
                           "(rank 0 downloads, sends); --no-distribute: stop instead. "
                           "Default: send when needed.")
 
+SHARE_HEAD = typer.Option(True, "--share-head/--no-share-head",
+                          help="With 2+ ranks the last one holds part of the head's rows and "
+                          "computes that part of every batched decode step, as much as evens "
+                          "out the stages' measured time (costs it up to 3/4 of the head's "
+                          "memory; dropped when that does not fit).")
+
 
 def _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, hostfile=None,
-             max_context=None, memory_fraction=0.8, distribute=None):
+             max_context=None, memory_fraction=0.8, distribute=None, share_head=False):
     """Check what every rank can check alone, then the job's options."""
     from .load import default_dtype
     from .runtime import Options
@@ -135,7 +141,7 @@ def _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, 
     return Options(model=model, split=split, dtype=dtype or default_dtype(), verbose=verbose,
                    prefill_chunk=prefill_chunk, dequantize=dequantize, hostfile=hostfile,
                    max_context=max_context, memory_fraction=memory_fraction,
-                   distribute=distribute)
+                   distribute=distribute, share_head=share_head)
 
 
 @app.callback(invoke_without_command=True)
@@ -183,7 +189,7 @@ def batch_cmd(
     dequantize: Optional[bool] = DEQUANTIZE, ignore_eos: bool = IGNORE_EOS,
     hostfile: Optional[str] = HOSTFILE, max_context: Optional[int] = MAX_CONTEXT,
     memory_fraction: float = MEMORY_FRACTION, distribute: Optional[bool] = DISTRIBUTE,
-    verbose: bool = VERBOSE,
+    share_head: bool = SHARE_HEAD, verbose: bool = VERBOSE,
 ):
     """Run a file of prompts with micro-batched pipelining; results stream into OUT."""
     from .batch import BatchFileError, Defaults, check_output, run_batch
@@ -191,7 +197,7 @@ def batch_cmd(
     sampling = Sampling(temp=temp, top_p=top_p, min_p=min_p, seed=seed,
                         max_tokens=max_tokens, ignore_eos=ignore_eos)
     opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, hostfile,
-                    max_context, memory_fraction, distribute)
+                    max_context, memory_fraction, distribute, share_head)
     if concurrency < 1:
         _fail("--concurrency must be at least 1")
     try:
@@ -235,7 +241,7 @@ def bench_cmd(
                                             "runs' JSON files (comma-separated) with --plot."),
     split: Optional[str] = SPLIT, dtype: Optional[str] = DTYPE,
     dequantize: Optional[bool] = DEQUANTIZE, distribute: Optional[bool] = DISTRIBUTE,
-    verbose: bool = VERBOSE,
+    share_head: bool = SHARE_HEAD, verbose: bool = VERBOSE,
 ):
     """Measure TTFT, decode and prefill throughput of this job (random prompts, EOS ignored)."""
     import importlib.util
@@ -254,7 +260,7 @@ def bench_cmd(
             _fail(str(e))
         raise typer.Exit(0)
     opts = _options(model, split, dtype, verbose, DEFAULT_PREFILL_CHUNK, dequantize,
-                    Sampling(max_tokens=gen_tokens), distribute=distribute)
+                    Sampling(max_tokens=gen_tokens), distribute=distribute, share_head=share_head)
     args = (_int_list(prompt_tokens, "--prompt-tokens"), gen_tokens,
             _int_list(concurrency, "--concurrency"), repeats, warmup, prefill_tokens,
             _int_list(prefill_chunks, "--prefill-chunks"), json_out, plot_out, label)
@@ -281,14 +287,15 @@ def serve_cmd(
     split: Optional[str] = SPLIT, dtype: Optional[str] = DTYPE, prefill_chunk: int = PREFILL_CHUNK,
     dequantize: Optional[bool] = DEQUANTIZE, hostfile: Optional[str] = HOSTFILE,
     max_context: Optional[int] = MAX_CONTEXT, memory_fraction: float = MEMORY_FRACTION,
-    distribute: Optional[bool] = DISTRIBUTE, verbose: bool = VERBOSE,
+    distribute: Optional[bool] = DISTRIBUTE, share_head: bool = SHARE_HEAD,
+    verbose: bool = VERBOSE,
 ):
     """OpenAI-compatible API (/v1) and a chat page (/) on rank 0; the other ranks serve layers."""
     from .serve import listen_socket, model_name, run_serve
 
     opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize,
                     Sampling(max_tokens=max_tokens), hostfile, max_context, memory_fraction,
-                    distribute)
+                    distribute, share_head)
     if concurrency < 1 or max_queue < 0:
         _fail("--concurrency must be at least 1 and --max-queue at least 0")
     if not 0 <= port <= 65535:

@@ -112,6 +112,7 @@ def run_decode(driver: Driver, concurrency: int, prompt_tokens: int, gen_tokens:
         "decode_tps": window_tokens / (last - all_decoding) if last > all_decoding else 0.0,
         "total_tps": steps / (end - start),
         "wall_s": end - start,
+        "head_cut": engine.split.cut if engine.split is not None else None,
     }
 
 
@@ -179,8 +180,10 @@ def run_bench(driver: Driver, prompt_tokens: list[int], gen_tokens: int, concurr
                 if r >= warmup:
                     for k in figs:
                         figs[k].add(run[k])
+                shared = (f" (last rank computed {run['head_cut']} of {vocab} logits)"
+                          if run["head_cut"] is not None else "")
                 print(f"bench: prompt {p} concurrency {c} run {r + 1}/{warmup + repeats}: "
-                      f"decode {run['decode_tps']:.1f} tok/s", file=sys.stderr, flush=True)
+                      f"decode {run['decode_tps']:.1f} tok/s{shared}", file=sys.stderr, flush=True)
             row = {"prompt_tokens": p, "concurrency": c,
                    **{k: f.summary() for k, f in figs.items()}}
             row["decode_tps_per_seq"] = row["decode_tps"]["median"] / c

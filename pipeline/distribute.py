@@ -74,14 +74,17 @@ def model_kind(spec: str | None) -> str:
 # ---------------------------------------------------------------- which files, and their hashes
 
 
-def wanted_files(folder: Path, split: list[int]) -> list[list[str]]:
-    """Per rank: the files it needs from `folder` (metadata files, then its weight files)."""
+def wanted_files(folder: Path, split: list[int], head_share: bool = False) -> list[list[str]]:
+    """Per rank: the files it needs from `folder` (metadata files, then its weight files).
+    head_share: the last rank also holds part of the head (the files of the norm and head)."""
     meta = sorted(p.name for p in folder.iterdir()
                   if p.is_file() and not p.name.startswith(".")
                   and any(fnmatch.fnmatch(p.name, pat) for pat in _META_PATTERNS))
     if (folder / "model.safetensors.index.json").is_file() or any(folder.glob("*.safetensors")):
         index = tensor_index(folder, sizes=False)
-        weights = [sorted({index.file_of[n] for n in index.share(rng, with_head=r == 0)})
+        last = len(split) - 1
+        weights = [sorted({index.file_of[n] for n in index.share(
+                       rng, with_head=r == 0, head_share=head_share and 0 < r == last)})
                    for r, rng in enumerate(layer_ranges(split))]
     else:  # a hub repo without an index whose weights are not here yet: mlx-lm's one file
         weights = [["model.safetensors"] for _ in split]
@@ -403,7 +406,7 @@ def distribute(comm, path: Path | None, candidate: Path | None, wanted: list[lis
 
 
 def prepare(comm, spec: str | None, kind: str, path: Path | None, split: list[int],
-            mode: bool | None, log) -> Path:
+            mode: bool | None, log, head_share: bool = False) -> Path:
     """Collective, after the plan: make sure every rank holds verified copies of the files its
     layers need, fetching (hub) or receiving them (from rank 0) when not. Returns the folder
     this rank loads from. GGUF files and the embedded model are imported by each rank itself."""
@@ -413,11 +416,11 @@ def prepare(comm, spec: str | None, kind: str, path: Path | None, split: list[in
     if kind == "hub":
         from .hub import prepare_hub
 
-        return prepare_hub(comm, spec, path, split, mode, log)
+        return prepare_hub(comm, spec, path, split, mode, log, head_share)
     wanted, error = None, None
     if rank == 0:
         try:
-            wanted = wanted_files(path, split)
+            wanted = wanted_files(path, split, head_share)
         except (OSError, ModelError) as e:
             error = str(e)
     error = comm.bcast(error, root=0)

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.sample_utils import apply_min_p, apply_top_p
 
 from .generate import CacheTable, Driver
+from .stage import near_tie_tolerance, top_summary
 from .transport import (
-    FLAG_RETURN, OP_END, OP_FILTER, OP_FORWARD, OP_JOIN, OP_OPEN, Message, send_request,
+    FLAG_HEAD, FLAG_LOGITS, FLAG_RETURN, OP_END, OP_FILTER, OP_FORWARD, OP_JOIN, OP_OPEN,
+    Message, send_request,
 )
 
 
@@ -75,13 +79,71 @@ def greedy_rows(logits: mx.array) -> tuple[list[int], list[bool]]:
     below its maximum has the same argmax either way; the others (near ties, in practice
     never seen) take the exact path.
     """
-    top = mx.max(logits, axis=-1, keepdims=True)
-    eps = float(mx.finfo(logits.dtype).eps)
-    tol = 8 * eps * (2 * math.log(logits.shape[-1]) + 1)
-    close = mx.sum(logits >= top - tol, axis=-1)
-    index = mx.argmax(logits, axis=-1)
-    mx.eval(index, close)
-    return index.tolist(), [c > 1 for c in close.tolist()]
+    summary = top_summary(logits, logits.shape[-1])
+    return [int(i) for i in summary[:, 1]], [c > 1 for c in summary[:, 2]]
+
+
+def combine_tops(first: np.ndarray, rest: np.ndarray, cut: int, tol: float
+                 ) -> tuple[list[int], list[bool]]:
+    """greedy_rows over logits split in two: `first` summarizes vocabulary [0, cut) and `rest`
+    [cut, V) (top_summary rows). The first maximum wins ties like argmax; a row is a near tie
+    when either part has one or the other part's maximum comes within 1.5 x tol of it (a
+    margin over greedy_rows' test, which rounds the threshold in the logits' dtype)."""
+    tokens, near = [], []
+    for (m1, i1, c1), (m2, i2, c2) in zip(first.tolist(), rest.tolist()):
+        if m1 >= m2:
+            tokens.append(int(i1))
+            near.append(c1 > 1 or m2 >= m1 - 1.5 * tol)
+        else:
+            tokens.append(cut + int(i2))
+            near.append(c2 > 1 or m1 >= m2 - 1.5 * tol)
+    return tokens, near
+
+
+class HeadSplit:
+    """Where a decode step's vocabulary is cut between the last stage (rows [0, cut) of the
+    head, which it holds) and rank 0 ([cut, V)): the shared head.
+
+    Rank 0 runs the final norm, the head and the sampling on top of its layers; cutting the
+    head's work in two lets the last stage take over as much of it as evens out the two
+    stages' busy time per micro-batch, measured as the job runs (rank 0's own, and the last
+    stage's as it reports in each reply). After every WINDOW micro-batches measured at the
+    current cut, the cut moves by half the median imbalance's worth of rows (in multiples of
+    ALIGN, within [0, max_rows]); steps sent with an older cut are not counted."""
+
+    ALIGN = 128
+    WINDOW = 8
+    DEADBAND_S = 0.5e-3
+
+    def __init__(self, vocab: int, max_rows: int):
+        self.vocab, self.max_rows = vocab, max_rows
+        self.cut = self._fit(min(max_rows, vocab // 2))
+        self.imbalance_s: float | None = None  # last window's median (rank 0 - last stage)
+        self.moves = 0
+        self._window: list[tuple[float, float]] = []
+
+    def _fit(self, rows: float) -> int:
+        rows = int(round(rows / self.ALIGN)) * self.ALIGN
+        return max(0, min(self.max_rows, rows))
+
+    def update(self, cut: int, rank0_s: float, last_s: float, head_s: float,
+               head_rows: int) -> None:
+        """One micro-batch sent with `cut`: both stages' busy seconds, and rank 0's seconds
+        for its `head_rows` rows of the head (which prices one row)."""
+        if cut != self.cut or head_rows <= 0 or head_s <= 0:
+            return
+        self._window.append((rank0_s - last_s, head_s / head_rows))
+        if len(self._window) < self.WINDOW:
+            return
+        diff = statistics.median(d for d, _ in self._window)
+        per_row = statistics.median(p for _, p in self._window)
+        self._window.clear()
+        self.imbalance_s = diff
+        if abs(diff) > self.DEADBAND_S:
+            # moving k rows changes the difference by about 2 k per_row: go half way there
+            new = self._fit(self.cut + 0.5 * diff / (2 * per_row))
+            self.moves += new != self.cut
+            self.cut = new
 
 
 class Engine:
@@ -98,6 +160,15 @@ class Engine:
         self._ids = itertools.count(self.microbatches + 1)  # ids for sequences in prefill
         self._local: deque = deque()  # one rank: activations "sent round" to ourselves
         self.interrupted = False
+        rows = getattr(driver, "head_share_rows", 0)
+        if driver.ring is not None and rows > 0 and getattr(driver, "head_split", None) is None:
+            driver.head_split = HeadSplit(self.stage.head.weight.shape[0], rows)
+        # kept by the job (learnt once); one micro-batch has no second stage to even out with
+        self.split = getattr(driver, "head_split", None) if self.microbatches > 1 else None
+        self._cuts: dict[int, int] = {}  # micro-batch -> cut sent with its decode step
+        self._head_cost = (0.0, 0)  # rank 0's last head: seconds, vocabulary rows
+        self._step_cut = 0  # the cut the step being handled was sent with
+        self._admitted = False  # a sequence was prefilled in this scheduling round
 
     # -- messages, applied here and sent down the ring in the same order ----------------
     def _control(self, op: int, mb: int, payload: list[int] | None = None) -> None:
@@ -106,23 +177,47 @@ class Engine:
         if self.driver.ring is not None:
             self.driver.ring.send(msg)
 
-    def _forward(self, mb: int, tokens: mx.array, want: bool) -> None:
+    def _forward(self, mb: int, tokens: mx.array, flags: int, aux: int = 0) -> None:
         """Embed tokens: [B, L], run rank 0's layers and pass the result on."""
         ring = self.driver.ring
         h = self.stage.forward(self.stage.embed(tokens), self.table.get(mb),
                                ring.progress if ring is not None and ring.sending else None)
         mx.eval(h)
         if self.driver.ring is None:
-            if want:
-                self._local.append((mb, h))
+            if flags & FLAG_RETURN:
+                self._local.append(Message(OP_FORWARD, mb, flags, h=h))
         else:
-            self.driver.ring.send(Message(OP_FORWARD, mb, FLAG_RETURN if want else 0, h=h))
+            self.driver.ring.send(Message(OP_FORWARD, mb, flags, h=h, aux=aux))
 
-    def _collect(self) -> tuple[int, mx.array]:
+    def _collect(self) -> Message:
         if self.driver.ring is None:
             return self._local.popleft()
-        msg = self.driver.ring.recv()
-        return msg.mb, msg.h
+        return self.driver.ring.recv()
+
+    def _tokens(self, msg: Message) -> tuple[list[int], list[bool], mx.array | None]:
+        """Greedy token and near-tie flag of every row of a returned decode step, and its
+        logits when they were computed whole (None when the last stage sent a summary of
+        its share of the head: rows that need exact logits then compute them)."""
+        start = time.perf_counter()
+        cut = self._cuts.pop(msg.mb, 0)
+        self._step_cut = cut
+        if not cut or msg.part is None:
+            logits = self.stage.logits(msg.h)
+            tokens, near = greedy_rows(logits)
+            self._head_cost = (time.perf_counter() - start, logits.shape[-1])
+            return tokens, near, logits
+        vocab = self.split.vocab
+        mine = self.stage.head_logits(self.stage.final_norm(msg.h), cut)  # [B, V - cut]
+        if msg.flags & FLAG_LOGITS:
+            logits = mx.concatenate([msg.part, mine], axis=1)
+            tokens, near = greedy_rows(logits)
+        else:
+            rest = top_summary(mine, vocab)
+            tokens, near = combine_tops(msg.part, rest, cut,
+                                        near_tie_tolerance(mine.dtype, vocab))
+            logits = None
+        self._head_cost = (time.perf_counter() - start, vocab - cut)
+        return tokens, near, logits
 
     # -- scheduling --------------------------------------------------------------------
     def _admit(self, mb: int, batch: list[Sequence], pending: Iterator[Sequence]) -> None:
@@ -133,11 +228,12 @@ class Engine:
             if seq is None:
                 break
             seq.started = time.perf_counter()
+            self._admitted = True
             sid = next(self._ids)
             self._control(OP_OPEN, sid)
             head = seq.prompt[:-1]
             for i in range(0, len(head), self.driver.prefill_chunk):
-                self._forward(sid, mx.array([head[i : i + self.driver.prefill_chunk]]), False)
+                self._forward(sid, mx.array([head[i : i + self.driver.prefill_chunk]]), 0)
             joining.append((sid, seq))
         if joining:
             self._control(OP_JOIN, mb, [sid for sid, _ in joining])
@@ -163,18 +259,19 @@ class Engine:
                     self._step(mb, batch)
             in_flight = sum(1 for b in batches.values() if b)
             while in_flight:
-                mb, h = self._collect()
-                busy = time.perf_counter()
+                msg = self._collect()
+                mb, busy, self._admitted = msg.mb, time.perf_counter(), False
                 in_flight -= 1
                 batch = batches[mb]
-                logits = self.stage.logits(h)  # [B, V]
-                greedy, near_tie = greedy_rows(logits)
+                greedy, near_tie, logits = self._tokens(msg)
                 now = time.perf_counter()
                 keep = []
                 for row, seq in enumerate(batch):
                     if seq.temp == 0 and not near_tie[row]:
                         token = greedy[row]
                     else:  # sampled rows each with their own RNG, from exact logprobs
+                        if logits is None:  # a near tie in a summarized step: rare
+                            logits = self.stage.logits(msg.h)
                         token = seq.sample(logprobs_of(logits[row]))
                     if not seq.tokens:
                         seq.first_token = now
@@ -207,7 +304,10 @@ class Engine:
                         if idle:
                             self._step(idle_mb, idle)
                             in_flight += 1
-                self.stage.compute_s += time.perf_counter() - busy
+                busy = time.perf_counter() - busy
+                self.stage.compute_s += busy
+                if self.split is not None and msg.aux and not self._admitted:
+                    self.split.update(self._step_cut, busy, msg.aux * 1e-6, *self._head_cost)
         finally:
             self.table.clear()
             if self.driver.ring is not None:
@@ -217,4 +317,8 @@ class Engine:
         """Send micro-batch `mb` round the ring for one decode step."""
         # a sequence that just joined feeds its last prompt token; the others their last token
         tokens = [s.tokens[-1] if s.tokens else s.prompt[-1] for s in batch]
-        self._forward(mb, mx.array(tokens)[:, None], True)
+        flags, cut = FLAG_RETURN, 0
+        if self.split is not None and self.split.cut > 0:  # the last stage computes [0, cut)
+            cut = self._cuts[mb] = self.split.cut
+            flags |= FLAG_HEAD if all(s.temp == 0 for s in batch) else FLAG_LOGITS
+        self._forward(mb, mx.array(tokens)[:, None], flags, cut)

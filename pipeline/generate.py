@@ -19,9 +19,9 @@ from typing import Iterator
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
-from .stage import Stage
+from .stage import Stage, top_summary
 from .transport import (
-    FLAG_RETURN, OP_END, OP_FILTER, OP_FORWARD, OP_JOIN, OP_OPEN, Message, Ring, gather_stats,
+    FLAG_HEAD, FLAG_LOGITS, FLAG_RETURN, OP_END, OP_FILTER, OP_FORWARD, OP_JOIN, OP_OPEN, Message, Ring, gather_stats,
     reply_stats, send_request, wait_request,
 )
 
@@ -150,7 +150,12 @@ def serve(comm, stage: Stage, weight_bytes: int) -> None:
                 msg.h = stage.forward(msg.h, table.get(msg.mb),
                                       ring.progress if ring.sending else None)
                 mx.eval(msg.h)
-                stage.compute_s += time.perf_counter() - start
+                if ring.is_last_stage and msg.flags & (FLAG_HEAD | FLAG_LOGITS):
+                    _head_share(stage, msg)
+                busy = time.perf_counter() - start
+                stage.compute_s += busy
+                if ring.is_last_stage:
+                    msg.aux = max(1, int(busy * 1e6))  # tells rank 0 how long this step took
                 if not ring.is_last_stage or msg.flags & FLAG_RETURN:
                     ring.send(msg)
                 continue
@@ -161,6 +166,19 @@ def serve(comm, stage: Stage, weight_bytes: int) -> None:
                 break
             table.apply(msg)
     ring.close()
+
+
+def _head_share(stage: Stage, msg: Message) -> None:
+    """The last stage's share of a decode step's head: logits of vocabulary [0, msg.aux), or
+    their per-row summary (max, argmax, near-tie count) when every row is greedy."""
+    if stage.head_share is None:
+        raise RuntimeError("asked for a share of the head but holds none")
+    part = stage.head_logits(stage.final_norm(msg.h), 0, msg.aux)
+    if msg.flags & FLAG_HEAD:
+        msg.part = top_summary(part, stage.args.vocab_size)
+    else:
+        mx.eval(part)
+        msg.part = part
 
 
 def check_prompt(prompt: list[int], context: int | None) -> None:
@@ -196,6 +214,8 @@ class Driver:
         self.interrupted = False  # set from a signal handler to stop the current generation
         self.last_stats: GenerationStats | None = None
         self.steps = 0  # forward steps, for the PIPELINE_FAULT test hook
+        self.head_share_rows = 0  # vocabulary rows the last rank holds (engine.HeadSplit)
+        self.head_split = None  # the engine's HeadSplit, kept from one batch to the next
 
     def _forward(self, tokens: list[int], want_logits: bool) -> mx.array | None:
         if FAULT:

@@ -113,7 +113,7 @@ def download_all(comm, repo: str, commit: str, names: list[str]) -> Path | None:
 
 
 def prepare_hub(comm, repo: str, path: Path | None, split: list[int], mode: bool | None,
-                log) -> Path:
+                log, head_share: bool = False) -> Path:
     """Collective: every rank ends with its files of `repo` and returns the folder holding
     them. Ranks with hub access (and without --distribute) download their own; the others
     receive theirs from rank 0 into $PIPELINE_CACHE/models/<org>--<name>."""
@@ -122,7 +122,7 @@ def prepare_hub(comm, repo: str, path: Path | None, split: list[int], mode: bool
     plan, error = None, None
     if rank == 0:
         try:
-            wanted = wanted_files(path, split)
+            wanted = wanted_files(path, split, head_share)
             mine = list(wanted[0])
             for r, names in enumerate(wanted):
                 mine += [n for n in names if receives[r] and n not in mine]

@@ -153,12 +153,22 @@ class TensorIndex:
                 per_layer[i] += size
         return per_layer, other
 
-    def share(self, layer_range: tuple[int, int], with_head: bool) -> list[str]:
+    def share(self, layer_range: tuple[int, int], with_head: bool,
+              head_share: bool = False) -> list[str]:
+        """Tensors of these layers (plus embedding, norm and head with_head; plus the norm
+        and the head's matrix with head_share: the last rank's share of the head)."""
         start, end = layer_range
         return sorted(
             n for n in self.file_of
-            if (i := layer_of(n)) is None and with_head or i is not None and start <= i < end
+            if (i := layer_of(n)) is None and (with_head or head_share and _head_part(n))
+            or i is not None and start <= i < end
         )
+
+
+def _head_part(name: str) -> bool:
+    """A tensor the last rank needs for its share of the head (either kind of head: the
+    one the model does not use is not loaded)."""
+    return name.startswith(("model.norm.", "lm_head.", "model.embed_tokens."))
 
 
 def tensor_index(path: Path, repo: str | None = None, sizes: bool = True) -> TensorIndex:
@@ -216,10 +226,12 @@ def _quantize_like_checkpoint(model: nn.Module, config: dict, weights: dict) -> 
 
 def load_stage(path: Path, config: dict, layer_range: tuple[int, int], with_head: bool,
                dtype: str | None = None, repo: str | None = None,
-               dequantize: bool = False) -> Stage:
-    """Build the model lazily with mlx-lm's classes and materialize only this rank's share."""
+               dequantize: bool = False, head_share_rows: int = 0) -> Stage:
+    """Build the model lazily with mlx-lm's classes and materialize only this rank's share.
+
+    head_share_rows > 0 (the last rank): also the final norm and the head's first rows."""
     index = tensor_index(path, repo, sizes=False)
-    names = index.share(layer_range, with_head)
+    names = index.share(layer_range, with_head, head_share=head_share_rows > 0)
     by_file: dict[str, list[str]] = {}
     for n in names:
         by_file.setdefault(index.file_of[n], []).append(n)
@@ -257,6 +269,11 @@ def load_stage(path: Path, config: dict, layer_range: tuple[int, int], with_head
         stage.embed_tokens = inner.embed_tokens
         stage.norm = inner.norm
         stage.lm_head = model.get("lm_head") if "lm_head" in model else None
+    elif head_share_rows > 0:
+        stage.norm = inner.norm
+        separate = "lm_head" in model
+        stage.head_share = model["lm_head"] if separate else inner.embed_tokens
+        stage.head_share_name = "lm_head" if separate else "model.embed_tokens"
     held = _held_parameters(stage)
 
     # Checkpoint names are the model's parameter names (after sanitize).
@@ -269,6 +286,8 @@ def load_stage(path: Path, config: dict, layer_range: tuple[int, int], with_head
     if dtype is not None:
         target = DTYPES[dtype]
         _cast_floats(stage, target)
+    if stage.head_share is not None:
+        _keep_rows(stage.head_share, head_share_rows)
     mx.eval(list(_held_parameters(stage).values()))
     stage.cache_factory = _bind_cache_factory(model)
     if stage.cache_factory is not None:
@@ -286,7 +305,19 @@ def _module_tree(stage: Stage) -> dict:
         tree["model.norm"] = stage.norm
     if stage.lm_head is not None:
         tree["lm_head"] = stage.lm_head
+    if stage.head_share is not None:
+        tree["model.norm"] = stage.norm
+        tree[stage.head_share_name] = stage.head_share
     return tree
+
+
+def _keep_rows(module: nn.Module, rows: int) -> None:
+    """Keep the first `rows` rows of every parameter, as arrays of their own (a plain slice
+    would keep the whole loaded tensor alive behind it)."""
+    def first_rows(a):
+        return a[:rows] * mx.array(1, a.dtype)  # x * 1 == x exactly, in a new buffer
+
+    module.update(tree_map(first_rows, module.parameters()))
 
 
 def _held_parameters(stage: Stage) -> dict[str, mx.array]:
@@ -302,12 +333,12 @@ def _dequantize(stage: Stage) -> None:
     on a CPU, quantized matmuls are several times slower than float32 ones."""
     holder = nn.Module()
     holder.layers = stage.layers
-    for name in ("embed_tokens", "lm_head"):
+    for name in ("embed_tokens", "lm_head", "head_share"):
         if getattr(stage, name) is not None:
             setattr(holder, name, getattr(stage, name))
     dequantize_model(holder)
     stage.layers = holder.layers
-    for name in ("embed_tokens", "lm_head"):
+    for name in ("embed_tokens", "lm_head", "head_share"):
         if name in holder:
             setattr(stage, name, holder[name])
 

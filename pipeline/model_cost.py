@@ -85,7 +85,7 @@ def config_cost(config: dict, dtype: str | None = None,
         _quantize(model, quantization)
     tied = getattr(model.args, "tie_word_embeddings", True)
     n = config["num_hidden_layers"]
-    per_layer, head = [0] * n, 0
+    per_layer, head, matrix = [0] * n, 0, 0
     for name, a in tree_flatten(model.parameters()):
         if tied and name.startswith("lm_head."):
             continue  # the embedding doubles as the head
@@ -93,13 +93,25 @@ def config_cost(config: dict, dtype: str | None = None,
         i = layer_of(name)
         if i is None:
             head += size
+            matrix += size if _is_head_matrix(name, tied) else 0
         else:
             per_layer[i] += size
     kv, windows = _kv_layout(model, config, ELEMENT_BYTES[dtype])
     what = f"{quantization['bits']}-bit" if quantization and "bits" in quantization else dtype
     return ModelCost(tuple(per_layer), head, kv, windows,
                      hidden_bytes=config["hidden_size"] * ELEMENT_BYTES[dtype], dtype=dtype,
-                     description=f"{_summary(config, tied)}, {what} (from config.json shapes)")
+                     description=f"{_summary(config, tied)}, {what} (from config.json shapes)",
+                     head_matrix_bytes=matrix, vocab=_vocab(config))
+
+
+def _is_head_matrix(name: str, tied: bool) -> bool:
+    """Whether a tensor is part of the head's matrix (weight, quantization scales/biases)."""
+    return name.startswith("model.embed_tokens." if tied else "lm_head.")
+
+
+def _vocab(config: dict) -> int:
+    v = config.get("vocab_size")
+    return v if isinstance(v, int) and v > 0 else 0
 
 
 def _summary(config: dict, tied: bool) -> str:
@@ -129,26 +141,30 @@ def _checkpoint_cost(path: Path, config: dict, dtype: str | None) -> ModelCost |
         if name in headers and headers[name]["dtype"] in _HEADER_DTYPES:
             held = _HEADER_DTYPES[headers[name]["dtype"]]
             break
-    if dtype is not None:  # the runtime casts floating tensors (e.g. to float32 on CPU)
-        per_layer, head = [0] * n, 0
-        for name, info in headers.items():
-            nbytes = index.nbytes[name]
-            if info["dtype"] in _FLOAT_HEADER_BYTES:
-                nbytes = nbytes // _FLOAT_HEADER_BYTES[info["dtype"]] * ELEMENT_BYTES[dtype]
-            i = layer_of(name)
-            if i is None:
-                head += nbytes
-            elif i < n:
-                per_layer[i] += nbytes
-        held = dtype
     model = _lazy_model(config)
     tied = getattr(model.args, "tie_word_embeddings", True)
+    matrix = 0
+    for name, info in headers.items():
+        nbytes = index.nbytes[name]
+        if dtype is not None and info["dtype"] in _FLOAT_HEADER_BYTES:
+            # the runtime casts floating tensors (e.g. to float32 on CPU)
+            nbytes = nbytes // _FLOAT_HEADER_BYTES[info["dtype"]] * ELEMENT_BYTES[dtype]
+        i = layer_of(name)
+        if dtype is not None and i is None:
+            head += nbytes - index.nbytes[name]
+        elif dtype is not None and i < n:
+            per_layer[i] += nbytes - index.nbytes[name]
+        if i is None and _is_head_matrix(name, tied):
+            matrix += nbytes
+    if dtype is not None:
+        held = dtype
     kv, windows = _kv_layout(model, config, ELEMENT_BYTES[held])
     q = config.get("quantization") or {}
     what = f"{q['bits']}-bit" if "bits" in q else held
     return ModelCost(tuple(per_layer), head, kv, windows,
                      hidden_bytes=config["hidden_size"] * ELEMENT_BYTES[held], dtype=held,
-                     description=f"{_summary(config, tied)}, {what} (from safetensors headers)")
+                     description=f"{_summary(config, tied)}, {what} (from safetensors headers)",
+                     head_matrix_bytes=matrix, vocab=_vocab(config))
 
 
 def model_cost(path: Path, config: dict, dtype: str | None = None) -> ModelCost:

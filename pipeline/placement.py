@@ -29,6 +29,10 @@ HEADROOM_BYTES = 256 * 2**20  # per rank: runtime, activations of a prefill chun
 DEFAULT_HOP_LATENCY_S = 0.25e-3  # one-way TCP over Thunderbolt or Ethernet, per token
 DEFAULT_LINK_BANDWIDTH = 1.25e9  # bytes/s (10 Gbit/s) for a hidden state on the wire
 GiB = 2**30
+# The last rank of a ring holds this share of the head's rows (the vocabulary's first ones)
+# so it can take over part of every batched decode step's head (engine.HeadSplit); the cut
+# then moves where it evens out the two stages' measured time, at most this far.
+HEAD_SHARE_MAX = 0.75
 
 
 class PlanError(SplitError):
@@ -61,6 +65,8 @@ class ModelCost:
     hidden_bytes: int = 0                     # one token's hidden state on the wire
     dtype: str = ""                           # floating dtype held (KV cache, activations)
     description: str = ""
+    head_matrix_bytes: int = 0                # the head's matrix (tied: the embedding), of head_bytes
+    vocab: int = 0                            # its rows
 
     @property
     def num_layers(self) -> int:
@@ -89,6 +95,7 @@ class RankPlan:
     usable_bytes: int
     bandwidth: float | None
     est_ms_per_token: float | None  # its layers (and rank 0's head) plus its outgoing hop
+    head_rows: int = 0  # the last rank: rows of the head it holds (see HEAD_SHARE_MAX)
 
     @property
     def layers(self) -> int:
@@ -104,7 +111,8 @@ class RankPlan:
                 "kv_bytes": self.kv_bytes, "memory_bytes": self.memory_bytes,
                 "est_ms_per_token": _round(self.est_ms_per_token),
                 "headroom_bytes": self.headroom_bytes, "need_bytes": self.need_bytes,
-                "usable_bytes": self.usable_bytes, "bandwidth_bytes_per_s": self.bandwidth}
+                "usable_bytes": self.usable_bytes, "bandwidth_bytes_per_s": self.bandwidth,
+                "head_rows": self.head_rows}
 
 
 @dataclass
@@ -117,6 +125,11 @@ class Plan:
     @property
     def split(self) -> list[int]:
         return [r.layers for r in self.ranks]
+
+    @property
+    def head_share_rows(self) -> int:
+        """Rows of the head the last rank holds (0: rank 0 computes the whole head)."""
+        return self.ranks[-1].head_rows if len(self.ranks) > 1 else 0
 
     @property
     def bandwidth_known(self) -> bool:
@@ -134,6 +147,7 @@ class Plan:
     def to_json(self) -> dict:
         return {"ranks": [r.to_json() for r in self.ranks], "split": self.split,
                 "max_context": self.max_context, "memory_fraction": self.memory_fraction,
+                "head_share_rows": self.head_share_rows,
                 "weight_bytes": sum(r.weight_bytes for r in self.ranks),
                 "kv_bytes": sum(r.kv_bytes for r in self.ranks),
                 "hop_ms": _round(self.hop_ms),
@@ -151,9 +165,24 @@ def hop_seconds(hidden_bytes: int, latency_s: float = DEFAULT_HOP_LATENCY_S,
     return latency_s + hidden_bytes / link_bandwidth
 
 
+def share_rows(cost: ModelCost, size: int) -> int:
+    """Rows of the head the last rank of `size` would hold (0: no shared head)."""
+    if size < 2 or not cost.vocab or not cost.head_matrix_bytes:
+        return 0
+    return min(cost.vocab, -(-int(cost.vocab * HEAD_SHARE_MAX) // 128) * 128)
+
+
+def _share_bytes(cost: ModelCost, rows: int) -> int:
+    return cost.head_matrix_bytes * rows // cost.vocab if rows else 0
+
+
 def _search(cost: ModelCost, nodes: list[Node], context: int, memory_fraction: float,
-            headroom: int, use_time: bool, enforce: bool) -> list[int] | None:
+            headroom: int, use_time: bool, enforce: bool, share: int = 0) -> list[int] | None:
     """Dynamic programming over (ranks, layers) for a contiguous split, or None.
+
+    share: rows of the head the last rank holds (their bytes count against its memory; for
+    the slowest stage, half the head's matrix counts on rank 0 and half on the last rank,
+    as a shared head roughly splits it in batched decoding).
 
     Key per partial split: (time, slowest stage's time, peak memory use / usable, sum of
     squared uses), compared in that order. Each term only grows as ranks are added, so
@@ -170,13 +199,16 @@ def _search(cost: ModelCost, nodes: list[Node], context: int, memory_fraction: f
     best: list[list[tuple | None]] = [[None] * (n + 1) for _ in range(size + 1)]
     cut = [[0] * (n + 1) for _ in range(size + 1)]
     best[0][0] = (0, 0, 0.0, 0.0)
+    half = cost.head_matrix_bytes // 2 if share else 0
     for r in range(1, size + 1):
         extra = cost.head_bytes if r == 1 else 0
+        held = extra + (_share_bytes(cost, share) if r == size and size > 1 else 0)
+        batch_extra = extra - half if r == 1 else (half if r == size else 0)
         cap = usable[r - 1]
         for i in range(r, n - (size - r) + 1):
             for j in range(i - 1, r - 2, -1):  # growing slice [j, i): need only grows
                 weights = wsum[i] - wsum[j] + extra
-                need = weights + ksum[i] - ksum[j] + headroom
+                need = wsum[i] - wsum[j] + held + ksum[i] - ksum[j] + headroom
                 if enforce and need > cap:
                     break
                 prev = best[r - 1][j]
@@ -184,7 +216,8 @@ def _search(cost: ModelCost, nodes: list[Node], context: int, memory_fraction: f
                     continue
                 use = need / cap if cap > 0 else float("inf")
                 stage_time = weights * fs_per_byte[r - 1]
-                key = (prev[0] + stage_time, max(prev[1], stage_time), max(prev[2], use),
+                batch_time = (weights - extra + batch_extra) * fs_per_byte[r - 1]
+                key = (prev[0] + stage_time, max(prev[1], batch_time), max(prev[2], use),
                        prev[3] + use * use)
                 if best[r][i] is None or key < best[r][i]:
                     best[r][i], cut[r][i] = key, j
@@ -201,9 +234,10 @@ def _search(cost: ModelCost, nodes: list[Node], context: int, memory_fraction: f
 def describe_split(cost: ModelCost, nodes: list[Node], split: list[int], max_context: int,
                    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
                    headroom_bytes: int = HEADROOM_BYTES,
-                   hops: float | list[float] = 0.0) -> Plan:
+                   hops: float | list[float] = 0.0, share: int = 0) -> Plan:
     """The figures of `split` on `nodes` (no fitting check). `hops`: seconds of each rank's
-    outgoing hop per token (one number: the same for every hop)."""
+    outgoing hop per token (one number: the same for every hop). `share`: head rows the
+    last rank holds (not read for a single sequence, whose head rank 0 computes)."""
     size = len(nodes)
     if size == 1:
         hops = [0.0]
@@ -215,40 +249,56 @@ def describe_split(cost: ModelCost, nodes: list[Node], split: list[int], max_con
     for node, (start, end), hop in zip(nodes, layer_ranges(split), hops):
         weights = sum(cost.layer_bytes[start:end]) + (cost.head_bytes if node.rank == 0 else 0)
         ms = (weights / node.bandwidth + hop) * 1e3 if known else None
+        rows = share if size > 1 and node.rank == size - 1 else 0
         ranks.append(RankPlan(rank=node.rank, host=node.host, layer_range=(start, end),
-                              weight_bytes=weights, kv_bytes=sum(kv[start:end]),
+                              weight_bytes=weights + _share_bytes(cost, rows),
+                              kv_bytes=sum(kv[start:end]),
                               headroom_bytes=headroom_bytes, memory_bytes=node.memory_bytes,
                               usable_bytes=node.usable(memory_fraction),
-                              bandwidth=node.bandwidth, est_ms_per_token=ms))
+                              bandwidth=node.bandwidth, est_ms_per_token=ms, head_rows=rows))
     return Plan(ranks, max_context, memory_fraction, hop_ms=sum(hops) * 1e3)
 
 
 def plan_layers(cost: ModelCost, nodes: list[Node], max_context: int, *,
                 memory_fraction: float = DEFAULT_MEMORY_FRACTION,
                 headroom_bytes: int = HEADROOM_BYTES, hops: float | list[float] = 0.0,
-                alternatives: list[tuple[str, ModelCost]] = ()) -> Plan:
+                alternatives: list[tuple[str, ModelCost]] = (), share_head: bool = True) -> Plan:
     """Layers per rank minimizing the per-token time, every rank within its memory.
 
     `nodes` are in rank order (rank 0 first: it holds the head). `alternatives` are other
     variants of the model (label, cost), e.g. ("a 4-bit quantized variant", cost4): named
     in the error when they would fit and this one does not. Raises PlanError.
+
+    share_head: let the last rank hold part of the head (share_rows) when that still fits.
     """
     _check(cost, nodes, max_context, memory_fraction)
+    share = share_rows(cost, len(nodes)) if share_head else 0
     split = _search(cost, nodes, max_context, memory_fraction, headroom_bytes,
-                    use_time=True, enforce=True)
+                    use_time=True, enforce=True, share=share) if share else None
+    if split is None:
+        share = 0
+        split = _search(cost, nodes, max_context, memory_fraction, headroom_bytes,
+                        use_time=True, enforce=True)
     if split is None:
         raise PlanError(_explain(cost, nodes, max_context, memory_fraction, headroom_bytes,
                                  alternatives))
-    return describe_split(cost, nodes, split, max_context, memory_fraction, headroom_bytes, hops)
+    return describe_split(cost, nodes, split, max_context, memory_fraction, headroom_bytes, hops,
+                          share)
 
 
 def check_split(cost: ModelCost, nodes: list[Node], split: list[int], max_context: int, *,
                 memory_fraction: float = DEFAULT_MEMORY_FRACTION,
                 headroom_bytes: int = HEADROOM_BYTES,
-                hops: float | list[float] = 0.0) -> Plan:
-    """The plan of a user's `--split`; PlanError when a rank would not fit."""
+                hops: float | list[float] = 0.0, share_head: bool = True) -> Plan:
+    """The plan of a user's `--split` (sharing the head when the last rank has room for its
+    rows); PlanError when a rank would not fit."""
     _check(cost, nodes, max_context, memory_fraction)
-    plan = describe_split(cost, nodes, split, max_context, memory_fraction, headroom_bytes, hops)
+    share = share_rows(cost, len(nodes)) if share_head else 0
+    plan = describe_split(cost, nodes, split, max_context, memory_fraction, headroom_bytes, hops,
+                          share)
+    if share and any(r.need_bytes > r.usable_bytes for r in plan.ranks):
+        plan = describe_split(cost, nodes, split, max_context, memory_fraction, headroom_bytes,
+                              hops)
     short = [_shortfall(r) for r in plan.ranks if r.need_bytes > r.usable_bytes]
     if short:
         raise PlanError(f"--split {','.join(map(str, split))} does not fit at --max-context "

@@ -105,7 +105,7 @@ def _merge_near_bandwidths(nodes: list[Node]) -> list[Node]:
 def plan_job(cost: ModelCost, nodes: list[Node], max_context: int, *,
              memory_fraction: float = DEFAULT_MEMORY_FRACTION, split: str | None = None,
              hops: float | list[float] | None = None,
-             alternatives: list[tuple[str, ModelCost]] = ()) -> Plan:
+             alternatives: list[tuple[str, ModelCost]] = (), share_head: bool = True) -> Plan:
     """The placement for a job: the planner's, or the user's `--split` checked to fit.
     Raises PlanError (a SplitError) with what would fit."""
     if hops is None:
@@ -113,9 +113,9 @@ def plan_job(cost: ModelCost, nodes: list[Node], max_context: int, *,
     if split:
         layers = parse_split(split, cost.num_layers, len(nodes))
         return check_split(cost, nodes, layers, max_context, memory_fraction=memory_fraction,
-                           hops=hops)
+                           hops=hops, share_head=share_head)
     return plan_layers(cost, nodes, max_context, memory_fraction=memory_fraction, hops=hops,
-                       alternatives=alternatives)
+                       alternatives=alternatives, share_head=share_head)
 
 
 HOP_PROBE_BYTES = 16 * 2**10  # about one token's hidden state of a 70B model (8192 x 2 B)
@@ -209,7 +209,7 @@ def preflight_plan(path: Path, config: dict, caps: list[Capacity] | None,
                    max_context: int | None = None,
                    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
                    dtype: str | None = None, split: str | None = None,
-                   dequantize: bool = False) -> Plan:
+                   dequantize: bool = False, share_head: bool = True) -> Plan:
     """Rank 0, before anything is loaded: the placement of a run on the capacities from
     `measure_cluster` (capped by the hostfile's `mem=`), or `--split` checked against them.
     `dequantize`: the run expands quantized weights at load, so plan with the dense sizes.
@@ -222,7 +222,8 @@ def preflight_plan(path: Path, config: dict, caps: list[Capacity] | None,
     nodes, _, _ = _nodes(caps, hostfile)
     return plan_job(cost, nodes, max_context or default_max_context(config),
                     memory_fraction=memory_fraction, split=split, hops=hops,
-                    alternatives=quantized_alternatives(config, cost.dtype))
+                    alternatives=quantized_alternatives(config, cost.dtype),
+                    share_head=share_head)
 
 
 def run_plan(model: str | None, hostfile: str | None = None, max_context: int | None = None,
@@ -298,4 +299,8 @@ def _plan_and_print(model_info, hostfile, caps, hops, max_context, memory_fracti
               f"max context {max_context} tokens, memory fraction {memory_fraction:g}, headroom "
               f"{fmt_bytes(HEADROOM_BYTES)} per rank, hops {hop_note}"
               + (f", --split {split}" if split else "")]
+    if plan.head_share_rows:
+        header.append(f"shared head: in batch/serve/bench the last rank also holds the head's "
+                      f"first {plan.head_share_rows} of {cost.vocab} rows (counted in its "
+                      f"weights; --no-share-head there)")
     print(format_plan(plan, cost, labels, header), file=out, flush=True)

@@ -52,6 +52,7 @@ class Options:
     max_context: int | None = None  # KV-cache tokens to reserve; None: the model's context
     memory_fraction: float = DEFAULT_MEMORY_FRACTION
     distribute: bool | None = None  # None: send model files a rank lacks; False: refuse then
+    share_head: bool = True  # the last rank computes part of batched decode steps' head
 
 
 class Log:
@@ -86,8 +87,10 @@ def _plan(opts: Options, path, config: dict, caps, hops, size: int) -> dict:
     check_rank_count(config["num_hidden_layers"], size)
     plan = preflight_plan(path, config, caps, hops, hostfile=opts.hostfile,
                           max_context=opts.max_context, memory_fraction=opts.memory_fraction,
-                          dtype=opts.dtype, split=opts.split, dequantize=_dequantize(opts))
-    return {"split": plan.split, "repo": hub_repo(opts.model)}
+                          dtype=opts.dtype, split=opts.split, dequantize=_dequantize(opts),
+                          share_head=opts.share_head)
+    return {"split": plan.split, "repo": hub_repo(opts.model),
+            "head_share_rows": plan.head_share_rows}
 
 
 def _dequantize(opts: Options) -> bool:
@@ -132,7 +135,8 @@ def start(opts: Options, comm=None):
     if error:
         raise JobError(error if rank == 0 else None, EXIT_USAGE)
     try:  # collective: each rank gets verified copies of the files its layers need
-        path = prepare_files(comm, opts.model, kind, path, plan["split"], opts.distribute, log)
+        path = prepare_files(comm, opts.model, kind, path, plan["split"], opts.distribute, log,
+                             plan["head_share_rows"] > 0)
     except DistributeError as e:
         raise JobError(e.message if rank == 0 else None, e.exit_code) from None
 
@@ -141,8 +145,11 @@ def start(opts: Options, comm=None):
     try:
         log(f"loading layers {layer_range[0]}..{layer_range[1] - 1} from {path}")
         dequantize = _dequantize(opts)
+        share = plan["head_share_rows"] if rank == size - 1 and size > 1 else 0
         stage = load_stage(path, config, layer_range, with_head=rank == 0,
-                           dtype=opts.dtype, dequantize=dequantize)
+                           dtype=opts.dtype, dequantize=dequantize, head_share_rows=share)
+        if share:
+            log(f"holds the head's first {share} rows (shared head)")
         weight_bytes = resident_bytes(stage)
         if blas.rows_first_pays():
             log(f"{use_rows_first(stage)} linear layers multiply few rows as (W @ x.T).T")
@@ -173,8 +180,10 @@ def start(opts: Options, comm=None):
                   f"install OpenBLAS (apt-get install libopenblas0-pthread)",
                   file=sys.stderr, flush=True)
     context = opts.max_context or default_max_context(config)
-    return Driver(comm if size > 1 else None, stage, tokenizer, weight_bytes, opts.prefill_chunk,
-                  context)
+    driver = Driver(comm if size > 1 else None, stage, tokenizer, weight_bytes,
+                    opts.prefill_chunk, context)
+    driver.head_share_rows = plan["head_share_rows"]
+    return driver
 
 
 def abort_on_error(comm, exc: BaseException, verbose: bool) -> None:

@@ -8,10 +8,14 @@ model's `__call__`.
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_map
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
@@ -76,12 +80,32 @@ def use_rows_first(stage: "Stage") -> int:
     modules = [m for layer in stage.layers for _, m in layer.named_modules()]
     if stage.lm_head is not None:
         modules.append(stage.lm_head)
+    if stage.head_share is not None:
+        modules.append(stage.head_share)
     for m in modules:
         if type(m) is nn.Linear:
             m.__class__ = RowsFirstLinear
             switched += 1
     stage.rows_first = True
     return switched
+
+
+def near_tie_tolerance(dtype, vocab: int) -> float:
+    """How close to a row's maximum another logit must come for the argmax of the logits to
+    possibly differ from mlx-lm's argmax of the log-probabilities (see engine.greedy_rows)."""
+    return 8 * float(mx.finfo(dtype).eps) * (2 * math.log(vocab) + 1)
+
+
+def top_summary(logits: mx.array, vocab: int) -> np.ndarray:
+    """Per row of logits: [B, C] (part of a vocabulary of `vocab`): its maximum, the index of
+    the first maximum and how many logits lie within the near-tie tolerance of it, as float64
+    [B, 3] (exact for every float dtype)."""
+    top = mx.max(logits, axis=-1, keepdims=True)
+    close = mx.sum(logits >= top - near_tie_tolerance(logits.dtype, vocab), axis=-1)
+    index = mx.argmax(logits, axis=-1)
+    mx.eval(top, close, index)
+    return np.stack([np.array(top[:, 0].astype(mx.float32), np.float64),
+                     np.array(index, np.float64), np.array(close, np.float64)], axis=1)
 
 
 def _is_sliding(layer: nn.Module) -> bool:
@@ -113,6 +137,11 @@ class Stage:
     min_window: int | None = None  # smallest sliding window in the whole model, if any
     compute_s: float = 0.0  # time spent running this stage (for per-stage figures)
     rows_first: bool = False  # tied head as (E @ h.T).T too (see RowsFirstLinear)
+    # The last rank of a ring of 2 or more may hold the first rows of the head (the
+    # vocabulary's first `head_share.weight.shape[0]` entries) and the final norm, to compute
+    # that part of each decode step's logits (see engine.py: the shared head).
+    head_share: nn.Module | None = None
+    head_share_name: str = ""  # its checkpoint prefix: "lm_head" or "model.embed_tokens"
 
     @property
     def has_head(self) -> bool:
@@ -171,12 +200,35 @@ class Stage:
                 progress()
         return h
 
+    def final_norm(self, h: mx.array) -> mx.array:
+        """Final norm of the last position: h: [B, L, D] -> [B, D]."""
+        return self.norm(h[:, -1:, :])[:, 0, :]
+
+    @property
+    def head(self) -> nn.Module:
+        """The module whose rows are the vocabulary (the embedding when the head is tied)."""
+        if self.head_share is not None:
+            return self.head_share
+        return self.lm_head if self.lm_head is not None else self.embed_tokens
+
     def logits(self, h: mx.array) -> mx.array:
         """Final norm and head on the last position: h: [B, L, D] -> [B, V]."""
-        h = self.norm(h[:, -1:, :])[:, 0, :]  # [B, D]: only the last position is needed
-        if self.lm_head is not None:
-            return self.lm_head(h)
-        if (self.rows_first and type(self.embed_tokens) is nn.Embedding
-                and h.shape[0] <= ROWS_FIRST_MAX_ROWS):
-            return (self.embed_tokens.weight @ h.T).T
-        return self.embed_tokens.as_linear(h)
+        return self.head_logits(self.final_norm(h))
+
+    def head_logits(self, hn: mx.array, lo: int = 0, hi: int | None = None) -> mx.array:
+        """Logits of vocabulary entries [lo, hi) for normed rows hn: [B, D] -> [B, hi - lo].
+
+        A row slice of the head's parameters goes through the same product as the whole
+        head, so each logit is summed in the same order (bitwise equal on the CPU, checked in
+        tests/test_shared_head.py)."""
+        module = self.head
+        rows = module.weight.shape[0]
+        if lo != 0 or (hi is not None and hi != rows):
+            module = copy.copy(module)  # same class and settings, sliced parameters
+            module.update(tree_map(lambda a: a[lo:hi], module.parameters()))
+        if not isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)):
+            return module(hn)  # a separate head: (Quantized|RowsFirst)Linear
+        if (self.rows_first and type(module) is nn.Embedding
+                and hn.shape[0] <= ROWS_FIRST_MAX_ROWS):
+            return (module.weight @ hn.T).T
+        return module.as_linear(hn)

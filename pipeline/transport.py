@@ -28,6 +28,8 @@ OP_JOIN = 4  # merge the caches of the ids in the payload into micro-batch `mb`
 OP_FILTER = 5  # keep only the rows in the payload of micro-batch `mb`
 # ring header flags
 FLAG_RETURN = 1  # the last stage sends this activation back to rank 0
+FLAG_HEAD = 2  # the last stage adds its share of the head: per row max, argmax, near-tie count
+FLAG_LOGITS = 4  # ... or its share's logits themselves (rows that are sampled need them all)
 
 _WIRE = {  # mlx dtype -> (code, numpy dtype on the wire, view back)
     mx.float32: (0, np.float32, None),
@@ -35,7 +37,15 @@ _WIRE = {  # mlx dtype -> (code, numpy dtype on the wire, view back)
     mx.bfloat16: (2, np.uint16, mx.bfloat16),  # numpy has no bfloat16: ship the bits
 }
 _FROM_CODE = {code: (np_dtype, view) for code, np_dtype, view in _WIRE.values()}
-_HEADER_LEN = 7  # op, mb, flags, dtype code, B, L, D  (control ops: B = payload length)
+# op, mb, flags, dtype code, B, L, D, aux, part columns  (control ops: B = payload length).
+# aux: on the way to the last stage, how many vocabulary rows it computes (FLAG_HEAD /
+# FLAG_LOGITS); on the way back, its busy time for the step in microseconds.
+_HEADER_LEN = 9
+
+
+def _to_wire(a: mx.array) -> tuple[int, np.ndarray]:
+    code, _, view = _WIRE[a.dtype]
+    return code, np.ascontiguousarray(a.view(mx.uint16) if view is not None else a)
 
 
 @dataclass
@@ -45,6 +55,8 @@ class Message:
     flags: int = 0
     h: mx.array | None = None  # OP_FORWARD: [B, L, D]
     payload: list[int] = field(default_factory=list)  # control ops
+    aux: int = 0  # see _HEADER_LEN
+    part: object = None  # the last stage's head share: FLAG_HEAD float64 [B, 3], FLAG_LOGITS [B, C]
 
 
 SEND_DEPTH = 4  # messages a rank may have posted and not yet delivered
@@ -93,16 +105,24 @@ class Ring:
         is not held up by one slow step of the next stage."""
         self._complete_sends(SEND_DEPTH - 1)
         if msg.h is None:
-            header = np.array([msg.op, msg.mb, msg.flags, 0, len(msg.payload), 0, 0], np.int64)
+            header = np.array([msg.op, msg.mb, msg.flags, 0, len(msg.payload), 0, 0, 0, 0],
+                              np.int64)
             bufs = [header]
             if msg.payload:
                 bufs.append(np.array(msg.payload, dtype=np.int64))
         else:
-            code, _, view = _WIRE[msg.h.dtype]
-            wire = msg.h.view(mx.uint16) if view is not None else msg.h
-            buf = np.ascontiguousarray(wire)  # h: [B, L, D], evaluated
+            code, buf = _to_wire(msg.h)  # h: [B, L, D], evaluated
             b, l, d = msg.h.shape
-            bufs = [np.array([msg.op, msg.mb, msg.flags, code, b, l, d], np.int64), buf]
+            part = None
+            if msg.part is not None:  # [B, 3] float64 summary, or logits in h's dtype
+                part = (np.ascontiguousarray(msg.part, np.float64) if msg.flags & FLAG_HEAD
+                        else _to_wire(msg.part.astype(msg.h.dtype))[1])
+            cols = part.shape[1] if part is not None else 0
+            bufs = [np.array([msg.op, msg.mb, msg.flags, code, b, l, d, msg.aux, cols],
+                             np.int64), buf]
+            if part is not None:
+                bufs.append(part)
+                self.bytes_sent += part.nbytes
             self.bytes_sent += buf.nbytes
         reqs = [self.comm.Isend(b, self.next, TAG_RING) for b in bufs]
         self._inflight.append((reqs, bufs))
@@ -113,17 +133,26 @@ class Ring:
         start = time.perf_counter()
         self.comm.Recv(header, self.prev, TAG_RING)
         self.wait_s += time.perf_counter() - start
-        op, mb, flags, code, b, l, d = (int(x) for x in header)
+        op, mb, flags, code, b, l, d, aux, cols = (int(x) for x in header)
         if op != OP_FORWARD:
             payload = np.empty(b, dtype=np.int64)
             if b:
                 self.comm.Recv(payload, self.prev, TAG_RING)
             return Message(op, mb, flags, payload=payload.tolist())
+        msg = Message(op, mb, flags, h=self._recv_array(code, (b, l, d)), aux=aux)
+        if cols and flags & FLAG_HEAD:
+            msg.part = np.empty((b, cols), dtype=np.float64)
+            self.comm.Recv(msg.part, self.prev, TAG_RING)
+        elif cols:
+            msg.part = self._recv_array(code, (b, cols))
+        return msg
+
+    def _recv_array(self, code: int, shape: tuple) -> mx.array:
         np_dtype, view = _FROM_CODE[code]
-        buf = np.empty((b, l, d), dtype=np_dtype)
+        buf = np.empty(shape, dtype=np_dtype)
         self.comm.Recv(buf, self.prev, TAG_RING)
-        h = mx.array(buf)
-        return Message(op, mb, flags, h=h.view(view) if view is not None else h)
+        a = mx.array(buf)
+        return a.view(view) if view is not None else a
 
     def close(self) -> None:
         self._complete_sends()

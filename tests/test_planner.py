@@ -10,8 +10,8 @@ from pipeline.hostfile import (HostfileError, parse_bandwidth, parse_hostfile_te
                                rank_entries, read_hostfile)
 from pipeline.model_cost import config_cost, default_max_context, model_cost, quantized_alternatives
 from pipeline.load import read_config
-from pipeline.placement import (GiB, ModelCost, Node, PlanError, check_split, describe_split,
-                                plan_layers)
+from pipeline.placement import (HEADROOM_BYTES, GiB, ModelCost, Node, PlanError, check_split,
+                                describe_split, plan_layers)
 from pipeline.plan import SplitError
 from pipeline.plan_cmd import nodes_from_capacities, nodes_from_hostfile
 
@@ -52,7 +52,38 @@ def assert_valid(plan, cost, nodes):
         start, end = r.layer_range
         assert r.need_bytes <= r.usable_bytes == int(node.memory_bytes * 0.8)
         head = cost.head_bytes if r.rank == 0 else 0
+        if r.head_rows:  # the last rank's share of the head's rows
+            assert r.rank == len(nodes) - 1 > 0
+            head = cost.head_matrix_bytes * r.head_rows // cost.vocab
         assert r.weight_bytes == sum(cost.layer_bytes[start:end]) + head
+
+
+def test_shared_head_balances_layers_and_falls_back_when_it_does_not_fit():
+    # bench-qwen2-200m-like: 16 layers of 44 MB, a 131 MB tied embedding (= the head's matrix)
+    layer, matrix = 44 * 10**6, 131 * 10**6
+    cost = ModelCost((layer,) * 16, matrix + 4096, (0,) * 16, head_matrix_bytes=matrix,
+                     vocab=32000)
+    nodes = [Node(r, f"n{r}", 4 * GiB, 10 * GB) for r in range(2)]
+    plain = plan_layers(cost, nodes, 1, share_head=False)
+    shared = plan_layers(cost, nodes, 1)
+    assert plain.split == [7, 9] and plain.head_share_rows == 0  # the head weighs ~3 layers
+    assert shared.split == [8, 8]  # half the head's matrix counted on each end of the ring
+    assert shared.head_share_rows == 24064  # 3/4 of the rows, in multiples of 128
+    assert shared.ranks[1].weight_bytes == 8 * layer + matrix * 24064 // 32000
+    assert shared.ranks[0].weight_bytes == 8 * layer + cost.head_bytes
+    # the same per-token estimate: one sequence's head is still rank 0's
+    assert shared.est_ms_per_token == pytest.approx(plain.est_ms_per_token)
+    # a last rank without room for the rows (and a rank 0 without room for more layers):
+    # planned without sharing
+    cap0 = 8 * layer + cost.head_bytes + HEADROOM_BYTES
+    cap1 = 8 * layer + HEADROOM_BYTES + matrix // 2
+    small = [Node(0, "n0", int(cap0 / 0.8) + 1, 10 * GB), Node(1, "n1", int(cap1 / 0.8), 10 * GB)]
+    tight = plan_layers(cost, small, 1)
+    assert tight.split == [7, 9] and tight.head_share_rows == 0
+    assert check_split(cost, small, [8, 8], 1).head_share_rows == 0
+    assert check_split(cost, nodes, [8, 8], 1).head_share_rows == 24064
+    # one rank: nothing to share
+    assert plan_layers(cost, nodes[:1], 1).head_share_rows == 0
 
 
 def test_70b_sizes_from_config_match_the_shapes(cost_70b):
@@ -89,7 +120,7 @@ def test_plan_fits_and_beats_an_equal_split(cost_70b, tied, gbs):
 @pytest.mark.parametrize("tied", [True, False])
 def test_head_counts_on_rank_zero_once(cost_70b, tied):
     cost, nodes = cost_70b[tied], nodes_of((64, 128, 192), bandwidth=False)
-    plan = plan_layers(cost, nodes, 8192)
+    plan = plan_layers(cost, nodes, 8192, share_head=False)
     assert_valid(plan, cost, nodes)
     layers_0 = sum(cost.layer_bytes[slice(*plan.ranks[0].layer_range)])
     assert plan.ranks[0].weight_bytes == layers_0 + cost.head_bytes
@@ -107,8 +138,8 @@ def test_untied_head_moves_layers_off_rank_zero():
     untied = config_cost(dict(config, tie_word_embeddings=False))
     assert untied.head_bytes - tied.head_bytes == 128256 * 2048 * 2  # float16 lm_head
     nodes = nodes_of((64, 64), bandwidth=False)
-    tied_split = plan_layers(tied, nodes, 8192).split
-    untied_split = plan_layers(untied, nodes, 8192).split
+    tied_split = plan_layers(tied, nodes, 8192, share_head=False).split
+    untied_split = plan_layers(untied, nodes, 8192, share_head=False).split
     assert untied_split[0] < tied_split[0] < tied_split[1]
 
 
