@@ -103,25 +103,19 @@ def run_decode(driver: Driver, concurrency: int, prompt_tokens: int, gen_tokens:
     start = time.perf_counter()
     engine.run(seqs, done.append)
     end = time.perf_counter()
-    all_decoding = max(s.first_token for s in done)  # from here every sequence decodes
-    last = max(s.finished for s in done)
-    steps = sum(sum(1 for _ in range(len(s.tokens))) for s in done)  # tokens in total
-    window_tokens = sum(len(s.tokens) - 1 - _steps_before(s, all_decoding) for s in done)
+    steps = sum(len(s.tokens) for s in done)  # tokens in total
+    # The window in which every sequence is decoding: from the last first token to the first
+    # finish (micro-batches finish a step apart; after that the pipe is no longer full).
+    all_decoding = max(s.first_token for s in done)
+    until = min(s.finished for s in done)
+    window_tokens = sum(1 for s in done for t in s.token_times if all_decoding < t <= until)
     return {
         "ttft_s": statistics.median(s.first_token - s.started for s in done),
-        "decode_tps": window_tokens / (last - all_decoding) if last > all_decoding else 0.0,
+        "decode_tps": window_tokens / (until - all_decoding) if until > all_decoding else 0.0,
         "total_tps": steps / (end - start),
         "wall_s": end - start,
         "head_cut": engine.split.cut if engine.split is not None else None,
     }
-
-
-def _steps_before(seq: Sequence, t: float) -> int:
-    # tokens are evenly spaced between first and last: estimate how many came before t
-    if seq.finished <= seq.first_token or len(seq.tokens) < 2:
-        return 0
-    frac = (t - seq.first_token) / (seq.finished - seq.first_token)
-    return min(len(seq.tokens) - 1, max(0, round(frac * (len(seq.tokens) - 1))))
 
 
 def run_prefill(driver: Driver, length: int, chunk: int, vocab: int, seed: int) -> float:

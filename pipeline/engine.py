@@ -42,6 +42,7 @@ class Sequence:
     ignore_eos: bool = False
     extra: dict = field(default_factory=dict)  # carried to the result (e.g. the prompt text)
     tokens: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # perf_counter of each token's step
     finish_reason: str = ""
     started: float = 0.0
     first_token: float = 0.0
@@ -276,6 +277,7 @@ class Engine:
                     if not seq.tokens:
                         seq.first_token = now
                     seq.tokens.append(token)
+                    seq.token_times.append(now)
                     if on_token is not None and (token not in self.eos or seq.ignore_eos):
                         on_token(seq, token)
                     if token in self.eos and not seq.ignore_eos:
