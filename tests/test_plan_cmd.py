@@ -59,6 +59,8 @@ def test_table_from_config_and_tb4(config_only_70b):
     assert rows["total"].split()[1] == "80"  # every layer placed
     assert "2.5 GiB" in rows["total"]  # KV: 2 x 80 layers x 8 heads x 128 x 2 bytes x 8192
     assert "tokens/s bound:" in out
+    # 3/4 of the 128256 rows, rounded up to a multiple of 128
+    assert "the last rank also holds the head's first 96256 of 128256 rows" in out
 
 
 def test_json_from_config_and_tb4(config_only_70b):
@@ -76,6 +78,8 @@ def test_json_from_config_and_tb4(config_only_70b):
     assert doc["est_ms_per_token"] == pytest.approx(
         sum(r["est_ms_per_token"] for r in ranks), rel=1e-3)
     assert doc["hops"] == "assumed" and doc["split"] == [r["layers"] for r in ranks]
+    assert doc["head_share_rows"] == ranks[2]["head_rows"] == 96256
+    assert ranks[0]["head_rows"] == ranks[1]["head_rows"] == 0
 
 
 def test_config_only_plans_like_the_weights(model_dir, tmp_path):
