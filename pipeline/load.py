@@ -274,7 +274,7 @@ def load_stage(path: Path, config: dict, layer_range: tuple[int, int], with_head
         separate = "lm_head" in model
         stage.head_share = model["lm_head"] if separate else inner.embed_tokens
         stage.head_share_name = "lm_head" if separate else "model.embed_tokens"
-    held = _held_parameters(stage)
+    held = held_parameters(stage)
 
     # Checkpoint names are the model's parameter names (after sanitize).
     missing = sorted(set(held) - set(weights))
@@ -288,7 +288,7 @@ def load_stage(path: Path, config: dict, layer_range: tuple[int, int], with_head
         _cast_floats(stage, target)
     if stage.head_share is not None:
         _keep_rows(stage.head_share, head_share_rows)
-    mx.eval(list(_held_parameters(stage).values()))
+    mx.eval(list(held_parameters(stage).values()))
     stage.cache_factory = _bind_cache_factory(model)
     if stage.cache_factory is not None:
         windows = [c.max_size for c in stage.cache_factory() if isinstance(c, RotatingKVCache)]
@@ -320,7 +320,7 @@ def _keep_rows(module: nn.Module, rows: int) -> None:
     module.update(tree_map(first_rows, module.parameters()))
 
 
-def _held_parameters(stage: Stage) -> dict[str, mx.array]:
+def held_parameters(stage: Stage) -> dict[str, mx.array]:
     out = {}
     for prefix, module in _module_tree(stage).items():
         for n, a in tree_flatten(module.parameters()):
@@ -360,4 +360,4 @@ def _bind_cache_factory(model: nn.Module):
 
 
 def resident_bytes(stage: Stage) -> int:
-    return sum(a.nbytes for a in _held_parameters(stage).values())
+    return sum(a.nbytes for a in held_parameters(stage).values())

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 from mpi4py import MPI
 
-from . import blas
+from . import blas, hugepages
 from .gguf import GGUFError
 from .generate import Driver, serve
-from .load import ModelError, hub_repo, load_stage, read_config, resident_bytes, resolve_model
+from .load import (ModelError, held_parameters, hub_repo, load_stage, read_config,
+                   resident_bytes, resolve_model)
 from .cluster import CapacityError
 from .distribute import DistributeError, model_kind, prepare as prepare_files
 from .hostfile import HostfileError
@@ -153,6 +154,9 @@ def start(opts: Options, comm=None):
         weight_bytes = resident_bytes(stage)
         if blas.rows_first_pays():
             log(f"{use_rows_first(stage)} linear layers multiply few rows as (W @ x.T).T")
+        if hugepages.wanted():
+            huge = hugepages.advise(held_parameters(stage).values())
+            log(f"{huge / 2**20:.0f} MiB of weights moved onto 2 MiB pages")
         log(f"loaded {len(stage.loaded_names)} tensors, {weight_bytes / 2**20:.1f} MiB")
     except USER_ERRORS as e:
         error = str(e)

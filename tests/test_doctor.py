@@ -94,3 +94,18 @@ def test_model_folder_missing_on_one_rank(model_copy, tmp_path):
     assert proc.returncode == 1
     assert f"rank 1 ({socket.gethostname()}): model folder {tmp_path / 'nowhere'} does not exist" \
         in proc.stdout
+
+
+def test_huge_pages_off_is_a_warning_not_a_problem():
+    from pipeline.doctor import RankReport, find_problems
+
+    def report(mode):
+        return RankReport(0, "h", "3.11", {}, "Open MPI", "cpu", "OpenBLAS", False,
+                          huge_pages=mode)
+
+    problems, warnings = find_problems([report("never")], None, None)
+    assert problems == []
+    assert len(warnings) == 1 and "transparent huge pages are off" in warnings[0]
+    assert "echo madvise > /sys/kernel/mm/transparent_hugepage/enabled" in warnings[0]
+    for mode in ("madvise", "always", None):
+        assert find_problems([report(mode)], None, None) == ([], [])
