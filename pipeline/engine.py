@@ -202,13 +202,16 @@ class Engine:
         start = time.perf_counter()
         cut = self._cuts.pop(msg.mb, 0)
         self._step_cut = cut
+        ring = self.driver.ring
+        between = ring.progress if ring is not None and ring.sending else None
         if not cut or msg.part is None:
-            logits = self.stage.logits(msg.h)
+            logits = self.stage.logits(msg.h, between)
             tokens, near = greedy_rows(logits)
             self._head_cost = (time.perf_counter() - start, logits.shape[-1])
             return tokens, near, logits
         vocab = self.split.vocab
-        mine = self.stage.head_logits(self.stage.final_norm(msg.h), cut)  # [B, V - cut]
+        mine = self.stage.head_logits(self.stage.final_norm(msg.h), cut,
+                                      between=between)  # [B, V - cut]
         if msg.flags & FLAG_LOGITS:
             logits = mx.concatenate([msg.part, mine], axis=1)
             tokens, near = greedy_rows(logits)

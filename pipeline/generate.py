@@ -151,7 +151,7 @@ def serve(comm, stage: Stage, weight_bytes: int) -> None:
                                       ring.progress if ring.sending else None)
                 mx.eval(msg.h)
                 if ring.is_last_stage and msg.flags & (FLAG_HEAD | FLAG_LOGITS):
-                    _head_share(stage, msg)
+                    _head_share(stage, msg, ring.progress if ring.sending else None)
                 busy = time.perf_counter() - start
                 stage.compute_s += busy
                 if ring.is_last_stage:
@@ -168,12 +168,13 @@ def serve(comm, stage: Stage, weight_bytes: int) -> None:
     ring.close()
 
 
-def _head_share(stage: Stage, msg: Message) -> None:
+def _head_share(stage: Stage, msg: Message, between=None) -> None:
     """The last stage's share of a decode step's head: logits of vocabulary [0, msg.aux), or
-    their per-row summary (max, argmax, near-tie count) when every row is greedy."""
+    their per-row summary (max, argmax, near-tie count) when every row is greedy. `between`:
+    see Stage.head_logits."""
     if stage.head_share is None:
         raise RuntimeError("asked for a share of the head but holds none")
-    part = stage.head_logits(stage.final_norm(msg.h), 0, msg.aux)
+    part = stage.head_logits(stage.final_norm(msg.h), 0, msg.aux, between=between)
     if msg.flags & FLAG_HEAD:
         msg.part = top_summary(part, stage.args.vocab_size)
     else:

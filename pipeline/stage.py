@@ -56,6 +56,7 @@ def check_supported(model_type: str) -> None:
 # the model shapes in tests/test_rows_first.py), so greedy tokens still equal mlx-lm's.
 # Decode steps and prefill chunks up to this many rows use it; larger ones gain nothing.
 ROWS_FIRST_MAX_ROWS = 256
+HEAD_PIECE_ROWS = 8192  # vocabulary rows per product when the head is computed in pieces
 
 
 class RowsFirstLinear(nn.Linear):
@@ -211,16 +212,30 @@ class Stage:
             return self.head_share
         return self.lm_head if self.lm_head is not None else self.embed_tokens
 
-    def logits(self, h: mx.array) -> mx.array:
+    def logits(self, h: mx.array, between=None) -> mx.array:
         """Final norm and head on the last position: h: [B, L, D] -> [B, V]."""
-        return self.head_logits(self.final_norm(h))
+        return self.head_logits(self.final_norm(h), between=between)
 
-    def head_logits(self, hn: mx.array, lo: int = 0, hi: int | None = None) -> mx.array:
+    def head_logits(self, hn: mx.array, lo: int = 0, hi: int | None = None,
+                    between=None) -> mx.array:
         """Logits of vocabulary entries [lo, hi) for normed rows hn: [B, D] -> [B, hi - lo].
 
         A row slice of the head's parameters goes through the same product as the whole
         head, so each logit is summed in the same order (bitwise equal on the CPU, checked in
-        tests/test_shared_head.py)."""
+        tests/test_shared_head.py). With `between`, the rows are computed HEAD_PIECE_ROWS at a
+        time, each evaluated and followed by a call to between() (the ring's progress: the
+        head is as long as several layers, too long to leave a send unattended)."""
+        hi = self.head.weight.shape[0] if hi is None else hi
+        if between is None or hi - lo <= HEAD_PIECE_ROWS:
+            return self._head_slice(hn, lo, hi)
+        pieces = []
+        for start in range(lo, hi, HEAD_PIECE_ROWS):
+            pieces.append(self._head_slice(hn, start, min(hi, start + HEAD_PIECE_ROWS)))
+            mx.eval(pieces[-1])
+            between()
+        return mx.concatenate(pieces, axis=-1)
+
+    def _head_slice(self, hn: mx.array, lo: int, hi: int) -> mx.array:
         module = self.head
         rows = module.weight.shape[0]
         if lo != 0 or (hi is not None and hi != rows):

@@ -226,42 +226,51 @@ def test_memory_caps_force_an_uneven_split_with_single_process_tokens(model_dir,
 SEND_WHILE_COMPUTING = """
 import sys, time
 import mlx.core as mx
+import numpy as np
 from mpi4py import MPI
-from pipeline.transport import OP_FORWARD, Message, Ring
+from pipeline.transport import FLAG_HEAD, OP_FORWARD, Message, Ring
 comm = MPI.COMM_WORLD
-ring, progress = Ring(comm), sys.argv[1] == "progress"
+ring, progress, kind = Ring(comm), sys.argv[1] == "progress", sys.argv[2]
+# a prefill chunk: 8 MiB, far above any eager limit; a decode step of 16 rows with the last
+# rank's head summary: 64 KiB of activations (TCP's eager limit) and a 384-byte summary
+shape = (1, 2048, 1024) if kind == "chunk" else (16, 1, 1024)
 if comm.Get_rank() == 0:
-    h = mx.ones((1, 2048, 1024)); mx.eval(h)  # 8 MiB: far above any eager limit
+    h = mx.ones(shape); mx.eval(h)
     comm.Barrier()
-    ring.send(Message(OP_FORWARD, h=h))
+    if kind == "chunk":
+        ring.send(Message(OP_FORWARD, h=h))
+    else:
+        ring.send(Message(OP_FORWARD, flags=FLAG_HEAD, h=h, part=np.zeros((16, 3))))
     start = time.perf_counter()
     while time.perf_counter() - start < 2.0:  # "compute the next chunk", layer by layer
         end = time.perf_counter() + 0.01
         while time.perf_counter() < end:
             pass
-        if progress:
-            ring.progress()  # what Stage.forward calls between layers
+        if progress and ring.sending:
+            ring.progress()  # what Stage.forward and the head call between layers, pieces
     ring.close()
 else:
     comm.Barrier()
     start = time.perf_counter()
     msg = ring.recv()
-    assert msg.h.shape == (1, 2048, 1024)
+    assert msg.h.shape == shape
     print(f"arrived {time.perf_counter() - start:.3f}")
 """
 
 
-def test_a_send_moves_while_the_sender_computes(three_hosts):
-    """Over TCP (ranks on two hosts), Open MPI moves a large message only inside MPI calls; the
-    ring's progress() between layers is what lets a prefill chunk arrive while the sender
-    computes the next one, instead of a whole chunk's compute later."""
+@pytest.mark.parametrize("kind", ["chunk", "decode"])
+def test_a_send_moves_while_the_sender_computes(three_hosts, kind):
+    """Over TCP (ranks on two hosts), Open MPI moves a message above the eager size only
+    inside MPI calls; the ring's progress() between layers (and between pieces of the head)
+    is what lets a prefill chunk or a decode step's activations arrive while the sender
+    computes the next one, instead of a whole step's compute later."""
     arrival = {}
     for mode in ("progress", "none"):
-        cmd = [NETNS_MPIRUN, "-np", "2", sys.executable, "-c", SEND_WHILE_COMPUTING, mode]
+        cmd = [NETNS_MPIRUN, "-np", "2", sys.executable, "-c", SEND_WHILE_COMPUTING, mode, kind]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=three_hosts,
                               cwd=ROOT)
         assert proc.returncode == 0, proc.stderr
         arrival[mode] = float(re.search(r"arrived ([\d.]+)", proc.stdout).group(1))
-    print(f"\n8 MiB over TCP arrived after {arrival}")
-    assert arrival["progress"] < 1.0, arrival  # 8 MiB at tb4 speed: milliseconds
+    print(f"\n{kind} over TCP arrived after {arrival}")
+    assert arrival["progress"] < 1.0, arrival  # at tb4 speed: milliseconds
     assert arrival["none"] > 1.5, arrival  # held at the sender for its 2 s of compute

@@ -45,6 +45,38 @@ def test_head_rows_are_bitwise_columns_of_the_whole_head(model_dir, arch, quanti
                 assert mx.array_equal(theirs, whole[:, :cut]).item(), (rows, cut)
 
 
+@pytest.mark.parametrize("arch, quantize", [("tiny-llama", None), ("tiny-qwen2", 8)])
+def test_head_in_pieces_equals_the_whole_head(model_dir, monkeypatch, arch, quantize):
+    """With a `between` callback (the ring's progress) the head runs HEAD_PIECE_ROWS rows of
+    the vocabulary at a time, calling it after each piece: same logits, bit for bit."""
+    import pipeline.stage
+
+    path = model_dir(arch, **({"quantize_bits": quantize} if quantize else {}))
+    config = read_config(path)
+    layers = config["num_hidden_layers"]
+    first = load_stage(path, config, (0, 1), with_head=True)
+    vocab = first.head.weight.shape[0]
+    last = load_stage(path, config, (layers - 1, layers), with_head=False,
+                      head_share_rows=vocab // 2)
+    monkeypatch.setattr(pipeline.stage, "HEAD_PIECE_ROWS", 96)
+    for rows_first in (False, True):
+        if rows_first:
+            use_rows_first(first), use_rows_first(last)
+        h = mx.random.normal((16, 1, config["hidden_size"]), key=mx.random.key(3))
+        whole = first.logits(h)
+        calls = []
+        assert mx.array_equal(first.logits(h, lambda: calls.append(1)), whole).item()
+        assert len(calls) == -(-vocab // 96)
+        hn = first.final_norm(h)
+        for cut in (1, 200, vocab // 2):
+            calls.clear()
+            mine = first.head_logits(hn, cut, between=lambda: calls.append(1))
+            assert mx.array_equal(mine, whole[:, cut:]).item(), cut
+            assert len(calls) == (-(-(vocab - cut) // 96) if vocab - cut > 96 else 0)
+            theirs = last.head_logits(hn, 0, cut, between=lambda: calls.append(1))
+            assert mx.array_equal(theirs, whole[:, :cut]).item(), cut
+
+
 def _combined(logits: mx.array, cut: int):
     vocab = logits.shape[-1]
     return combine_tops(top_summary(logits[:, :cut], vocab), top_summary(logits[:, cut:], vocab),
