@@ -207,7 +207,10 @@ def batch_cmd(
     except BatchFileError as e:
         _fail(str(e))
     defaults = Defaults(sampling, system, chat)
-    _run(opts, lambda d: run_batch(d, prompts, out, defaults, concurrency))
+    status = []  # rank 0's exit code, given once every rank has shut down
+    _run(opts, lambda d: status.append(run_batch(d, prompts, out, defaults, concurrency)))
+    if status and status[0]:
+        raise typer.Exit(status[0])
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -300,16 +303,14 @@ def serve_cmd(
         _fail("--concurrency must be at least 1 and --max-queue at least 0")
     if not 0 <= port <= 65535:
         _fail(f"--port {port} is outside 0-65535")
-    sock, error = None, None
-    if _rank() == 0:  # claim the port now; a taken one is reported once the ranks are up
+    sock = None
+    if _rank() == 0:  # claim the port now; a taken one ends every rank before the model loads
         try:
             sock = listen_socket(host, port)
         except ValueError as e:
-            error = str(e)
+            opts.refuse = str(e)
 
     def body(driver):
-        if error:
-            raise ValueError(error)
         run_serve(driver, sock, model_name(model), concurrency, max_queue, max_tokens, verbose)
 
     _run(opts, body)

@@ -125,9 +125,15 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
+EXIT_SKIPPED = 2  # like any other bad input (README: exit codes)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
 def run_batch(driver: Driver, prompts: Path, out: Path, defaults: Defaults, concurrency: int,
               progress: bool = True) -> int:
-    """Run every prompt not yet in OUT. Returns the number of malformed lines skipped."""
+    """Run every prompt not yet in OUT. Returns the exit code: 0 when every line is done,
+    EXIT_INTERRUPTED after Ctrl-C or SIGTERM (the rest is left for a rerun), EXIT_SKIPPED when
+    malformed lines were skipped (the others are done)."""
     records, problems = read_prompts(prompts)
     for p in problems:
         print(f"pipeline: warning: {p}", file=sys.stderr)
@@ -191,4 +197,10 @@ def run_batch(driver: Driver, prompts: Path, out: Path, defaults: Defaults, conc
           f"{_percentile(ttfts, 0.5):.3f} s p95 {_percentile(ttfts, 0.95):.3f} s", file=sys.stderr)
     if engine.interrupted:
         print(f"pipeline: interrupted: rerun the same command to finish the rest", file=sys.stderr)
-    return len(problems)
+        return EXIT_INTERRUPTED
+    if problems:
+        print(f"pipeline: error: {len(problems)} malformed line{'s' * (len(problems) > 1)} of "
+              f"{prompts} skipped (warnings above): fix them and rerun the same command to run "
+              f"just those", file=sys.stderr)
+        return EXIT_SKIPPED
+    return 0

@@ -54,6 +54,8 @@ class Options:
     memory_fraction: float = DEFAULT_MEMORY_FRACTION
     distribute: bool | None = None  # None: send model files a rank lacks; False: refuse then
     share_head: bool = True  # the last rank computes part of batched decode steps' head
+    refuse: str | None = None  # rank 0 found bad input before start (a taken --port): every
+    #                            rank ends at the first collective, before anything loads
 
 
 class Log:
@@ -108,7 +110,11 @@ def start(opts: Options, comm=None):
 
     # Rank 0 must have the model; another rank may lack its folder (or the hub) and receive
     # its files from rank 0 once the split is known (distribute.py), so it takes rank 0's config.
-    kind = comm.bcast(model_kind(opts.model) if rank == 0 else None, root=0)
+    kind, refused = comm.bcast(
+        (None if opts.refuse else model_kind(opts.model), opts.refuse) if rank == 0 else None,
+        root=0)
+    if refused:
+        raise JobError(refused if rank == 0 else None, EXIT_USAGE)
     path = config = error = None
     try:  # every rank finds the model (a .gguf or the embedded model is imported locally)
         if rank == 0 or kind != "folder":

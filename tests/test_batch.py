@@ -65,8 +65,9 @@ def test_txt_file_malformed_lines_and_sampling(model_dir, tmp_path):
     proc = run_pipeline(2, "batch", str(tmp_path / "in.txt"), "-o", str(out), "--model", str(model),
                         "--no-chat", "--max-tokens", "5", "--temp", "0.8", "--seed", "1",
                         "--ignore-eos")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 2, proc.stderr  # the other lines done, the bad one reported
     assert "in.txt:2: not valid UTF-8" in proc.stderr
+    assert f"1 malformed line of {tmp_path / 'in.txt'} skipped" in proc.stderr
     results = [json.loads(l) for l in out.read_text().splitlines()]
     assert sorted(r["id"] for r in results) == [1, 3]
     assert all(r["completion_tokens"] == 5 for r in results)
@@ -75,8 +76,9 @@ def test_txt_file_malformed_lines_and_sampling(model_dir, tmp_path):
     bad.write_text('{"id": "a", "prompt": "ok"}\nnot json\n{"id": "b"}\n')
     proc = run_pipeline(2, "batch", str(bad), "-o", str(tmp_path / "o2.jsonl"), "--model",
                         str(model), "--max-tokens", "3")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     assert "bad.jsonl:2:" in proc.stderr and "bad.jsonl:3:" in proc.stderr
+    assert "2 malformed lines of" in proc.stderr and "fix them and rerun" in proc.stderr
     assert [json.loads(l)["id"] for l in (tmp_path / "o2.jsonl").read_text().splitlines()] == ["a"]
 
 

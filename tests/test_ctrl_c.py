@@ -207,7 +207,7 @@ def test_ctrl_c_in_batch_finishes_writing_then_rerun_resumes(model_dir, tmp_path
         term.send(b"\x03")
         code = term.wait(30)
         err = (tmp_path / "stderr").read_text()
-        assert code in (0, 130), err
+        assert code == 130, err  # unfinished: scripts can tell
         assert "interrupted: rerun the same command" in err
         time.sleep(1)
         assert term.leftovers() == []

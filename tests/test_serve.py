@@ -415,10 +415,11 @@ def test_serve_flag_and_port_errors(model_dir):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = run_pipeline(0, "serve", "--model", str(model_dir(ARCH)), "--port", str(port),
-                            timeout=120)
+        proc = run_pipeline(2, "serve", "--model", str(model_dir(ARCH)), "--port", str(port),
+                            "--verbose", timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert f"pipeline: error: cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "loading layers" not in proc.stderr  # refused before any rank loads the model
 
 
 def test_non_loopback_address_is_flagged():
