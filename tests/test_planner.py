@@ -172,6 +172,20 @@ def test_memory_caps_force_an_uneven_split():
     assert plan_layers(cost, blind, 10, memory_fraction=1.0, headroom_bytes=0).split == [2, 6]
 
 
+@pytest.mark.parametrize("bandwidths", [(1e10, 1e10), (3e10, 1e10), (1e10, 3e10)])
+@pytest.mark.parametrize("share_head", [True, False])
+def test_netns_memory_caps_bind_whatever_the_probe_measures(model_dir, bandwidths, share_head):
+    """The caps of tests/test_netns.py's memory-cap test give the capped rank fewer layers of
+    tiny-llama for any measured bandwidths (that test flaked when it relied on equal ones)."""
+    path = model_dir("tiny-llama")
+    cost = model_cost(path, read_config(path), "float32")
+    capped, full = parse_size("320.5M"), parse_size("2G")
+    for caps, smaller in (((capped, full), 0), ((full, capped), 1)):
+        nodes = [Node(r, f"pn{r + 1}", caps[r], bandwidths[r]) for r in range(2)]
+        split = plan_layers(cost, nodes, 64, share_head=share_head).split
+        assert sum(split) == 7 and split[smaller] < split[1 - smaller], (caps, bandwidths, split)
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_plan_is_optimal_by_brute_force(seed):
     rng = random.Random(seed)
