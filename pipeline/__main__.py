@@ -15,7 +15,7 @@ import signal
 if hasattr(signal, "SIGUSR1") and os.environ.get("OMPI_COMM_WORLD_RANK", "0") != "0":
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
-from .blas import ensure_fast_blas  # noqa: E402
+from pipeline.exec.blas import ensure_fast_blas  # noqa: E402
 
 ensure_fast_blas()  # re-execs with OpenBLAS preloaded; must run before mlx is imported
 
@@ -25,8 +25,8 @@ from typing import Optional  # noqa: E402
 
 import typer  # noqa: E402
 
-from .generate import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_CHUNK, Sampling  # noqa: E402
-from .serve import (  # noqa: E402
+from pipeline.exec.worker import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_CHUNK, Sampling  # noqa: E402
+from pipeline.serve.server import (  # noqa: E402
     DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PORT,
 )
 
@@ -54,20 +54,20 @@ def _fail(message: str, code: int = 2) -> None:
 def _run(opts, body) -> None:
     from mpi4py import MPI
 
-    from . import runtime
+    from pipeline.exec import job
 
     comm = MPI.COMM_WORLD
     try:
-        driver = runtime.start(opts, comm)
+        driver = job.start(opts, comm)
     except KeyboardInterrupt:  # Ctrl-C while loading: end the job (mpirun stops the others)
         print("pipeline: interrupted during start-up", file=sys.stderr, flush=True)
         os._exit(130)
-    except runtime.JobError as e:
+    except job.JobError as e:
         if e.message:
             print(f"pipeline: error: {e.message}", file=sys.stderr, flush=True)
         raise typer.Exit(e.exit_code)
     except Exception as e:  # a bug or a dead peer: end the whole job, never hang it
-        runtime.abort_on_error(comm, e, opts.verbose)
+        job.abort_on_error(comm, e, opts.verbose)
     if driver is None:
         return  # this rank served the pipeline until rank 0 said quit
     try:
@@ -76,7 +76,7 @@ def _run(opts, body) -> None:
         driver.shutdown()
         _fail(str(e))
     except Exception as e:
-        runtime.abort_on_error(comm, e, opts.verbose)
+        job.abort_on_error(comm, e, opts.verbose)
     driver.shutdown()
 
 
@@ -123,8 +123,8 @@ SHARE_HEAD = typer.Option(True, "--share-head/--no-share-head",
 def _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, hostfile=None,
              max_context=None, memory_fraction=0.8, distribute=None, share_head=False):
     """Check what every rank can check alone, then the job's options."""
-    from .load import default_dtype
-    from .runtime import Options
+    from pipeline.model.load import default_dtype
+    from pipeline.exec.job import Options
 
     try:
         sampling.check()
@@ -168,7 +168,7 @@ def main(
                     max_context, memory_fraction, distribute)
     if prompt is not None and not prompt.strip():
         _fail("--prompt is empty: give some text")
-    from .repl import run_one_shot, run_repl
+    from pipeline.commands.chat import run_one_shot, run_repl
 
     if prompt is not None:
         _run(opts, lambda d: run_one_shot(d, prompt, system, chat, sampling, as_json))
@@ -192,7 +192,7 @@ def batch_cmd(
     share_head: bool = SHARE_HEAD, verbose: bool = VERBOSE,
 ):
     """Run a file of prompts with micro-batched pipelining; results stream into OUT."""
-    from .batch import BatchFileError, Defaults, check_output, run_batch
+    from pipeline.commands.batch import BatchFileError, Defaults, check_output, run_batch
 
     sampling = Sampling(temp=temp, top_p=top_p, min_p=min_p, seed=seed,
                         max_tokens=max_tokens, ignore_eos=ignore_eos)
@@ -249,8 +249,8 @@ def bench_cmd(
     """Measure TTFT, decode and prefill throughput of this job (random prompts, EOS ignored)."""
     import importlib.util
 
-    from .bench import probe_links, run_bench
-    from .bench_plot import plot_files
+    from pipeline.commands.bench import probe_links, run_bench
+    from pipeline.commands.bench_plot import plot_files
 
     if plot_out is not None and _rank() == 0 and importlib.util.find_spec("matplotlib") is None:
         _fail("--plot needs matplotlib: pip install 'matplotlib>=3.7' (make install does)")
@@ -294,7 +294,7 @@ def serve_cmd(
     verbose: bool = VERBOSE,
 ):
     """OpenAI-compatible API (/v1) and a chat page (/) on rank 0; the other ranks serve layers."""
-    from .serve import listen_socket, model_name, run_serve
+    from pipeline.serve.server import listen_socket, model_name, run_serve
 
     opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize,
                     Sampling(max_tokens=max_tokens), hostfile, max_context, memory_fraction,
@@ -327,7 +327,7 @@ def make_model_cmd(
     quantize_bits: Optional[int] = typer.Option(None, "--quantize-bits", help="4 or 8: quantize."),
 ):
     """Write a random-weight model of a real shape with a working tokenizer (offline)."""
-    from .make_model import make_model
+    from pipeline.model.make_model import make_model
 
     try:
         path = make_model(like, out, dtype=dtype, seed=seed, num_layers=layers, shards=shards,
@@ -360,7 +360,7 @@ def plan_cmd(
     """Show how the layers would be placed (no weights loaded); under mpirun, measured."""
     from mpi4py import MPI
 
-    from .plan_cmd import run_plan
+    from pipeline.place.preflight import run_plan
 
     if dtype is not None and dtype not in DTYPE_NAMES:
         _fail(f"--dtype {dtype} is not one of {', '.join(DTYPE_NAMES)}")
@@ -376,7 +376,7 @@ def doctor_cmd(
     """Check every rank (under mpirun): versions, device, BLAS, memory, model files, links."""
     from mpi4py import MPI
 
-    from .doctor import run_doctor
+    from pipeline.commands.doctor import run_doctor
 
     raise typer.Exit(run_doctor(model, MPI.COMM_WORLD))
 

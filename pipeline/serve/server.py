@@ -21,9 +21,9 @@ import time
 from collections import deque
 from pathlib import Path
 
-from . import serve_api as api
-from .engine import Engine, Sequence
-from .generate import Driver
+from pipeline.serve import api
+from pipeline.exec.engine import Engine, Sequence
+from pipeline.exec.worker import Driver
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -222,7 +222,7 @@ def _url(sock: socket.socket) -> tuple[str, bool]:
 def run_serve(driver: Driver, sock: socket.socket, model: str, concurrency: int, max_queue: int,
               max_tokens: int, verbose: bool = False) -> None:
     """Serve until SIGINT/SIGTERM (or launch/mpirun's SIGUSR1); then every rank ends cleanly."""
-    from .serve_http import make_app
+    from pipeline.serve.http import make_app
 
     server = Server(driver, model, concurrency, max_queue, max_tokens)
     engine = Engine(driver, concurrency)

@@ -29,9 +29,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .distribute import (EXIT_FAILURE, EXIT_USAGE, DistributeError, _fmt_mib, cache_root,
+from pipeline.files.distribute import (EXIT_FAILURE, EXIT_USAGE, DistributeError, _fmt_mib, cache_root,
                          distribute, wanted_files)
-from .load import ModelError
+from pipeline.model.load import ModelError
 
 POLL_S = 0.5
 PRINT_EVERY_S = 2.0

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import accumulate
 
-from .plan import SplitError, check_rank_count, layer_ranges
+from pipeline.place.split import SplitError, check_rank_count, layer_ranges
 
 DEFAULT_MEMORY_FRACTION = 0.8
 DEFAULT_MAX_CONTEXT = 8192  # when the config does not say

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from . import blas, hugepages
-from .cluster import Capacity, CapacityError, gather_capacities, measure_hops
-from .load import hub_repo
-from .placement import fmt_bytes
+from pipeline.exec import blas
+from pipeline.model import hugepages
+from pipeline.place.cluster import Capacity, CapacityError, gather_capacities, measure_hops
+from pipeline.model.load import hub_repo
+from pipeline.place.planner import fmt_bytes
 
 PACKAGES = ("mlx", "mlx-lm", "mpi4py", "numpy")
 SMALL_MESSAGE, LARGE_MESSAGE = 8, 4 * 2**20

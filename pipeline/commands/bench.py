@@ -27,10 +27,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import blas
-from .cluster import measure_hops
-from .engine import Engine, Sequence
-from .generate import Driver, Sampling
+from pipeline.exec import blas
+from pipeline.place.cluster import measure_hops
+from pipeline.exec.engine import Engine, Sequence
+from pipeline.exec.worker import Driver, Sampling
 
 
 @dataclass
@@ -200,7 +200,7 @@ def run_bench(driver: Driver, prompt_tokens: list[int], gen_tokens: int, concurr
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))
     if plot_out:
-        from .bench_plot import plot
+        from pipeline.commands.bench_plot import plot
 
         plot([results], plot_out)
         print(f"bench: plot written to {plot_out}", file=sys.stderr, flush=True)

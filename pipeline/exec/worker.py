@@ -19,8 +19,8 @@ from typing import Iterator
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
-from .stage import Stage, top_summary
-from .transport import (
+from pipeline.model.stage import Stage, top_summary
+from pipeline.wire.ring import (
     FLAG_HEAD, FLAG_LOGITS, FLAG_RETURN, OP_END, OP_FILTER, OP_FORWARD, OP_JOIN, OP_OPEN, Message, Ring, gather_stats,
     reply_stats, send_request, wait_request,
 )

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from .load import _META_PATTERNS, ModelError, hub_repo, tensor_index
-from .plan import layer_ranges
+from pipeline.model.load import _META_PATTERNS, ModelError, hub_repo, tensor_index
+from pipeline.place.split import layer_ranges
 
 CHUNK = 16 * 2**20  # bytes per MPI message: large enough for full link speed, small in memory
 TAG = 0x5EED
@@ -414,7 +414,7 @@ def prepare(comm, spec: str | None, kind: str, path: Path | None, split: list[in
         return path
     rank = comm.Get_rank()
     if kind == "hub":
-        from .hub import prepare_hub
+        from pipeline.files.hub import prepare_hub
 
         return prepare_hub(comm, spec, path, split, mode, log, head_share)
     wanted, error = None, None

@@ -17,15 +17,15 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .cluster import Capacity, CapacityError, gather_capacities, measure_capacity, measure_hops
-from .hostfile import HostEntry, HostfileError, read_hostfile, rank_entries
-from .gguf import GGUFError
-from .load import ModelError, read_config, resolve_model
-from .model_cost import config_cost, default_max_context, model_cost, quantized_alternatives
-from .placement import (DEFAULT_MEMORY_FRACTION, HEADROOM_BYTES, ModelCost, Node, Plan,
+from pipeline.place.cluster import Capacity, CapacityError, gather_capacities, measure_capacity, measure_hops
+from pipeline.place.hostfile import HostEntry, HostfileError, read_hostfile, rank_entries
+from pipeline.model.gguf import GGUFError
+from pipeline.model.load import ModelError, read_config, resolve_model
+from pipeline.place.cost import config_cost, default_max_context, model_cost, quantized_alternatives
+from pipeline.place.planner import (DEFAULT_MEMORY_FRACTION, HEADROOM_BYTES, ModelCost, Node, Plan,
                         PlanError, check_split, fmt_bytes, hop_seconds, plan_layers)
-from .plan import SplitError, parse_split
-from .stage import UnsupportedModel
+from pipeline.place.split import SplitError, parse_split
+from pipeline.model.stage import UnsupportedModel
 
 PLAN_ERRORS = (ModelError, HostfileError, SplitError, UnsupportedModel, CapacityError,
                GGUFError, FileNotFoundError)
@@ -244,7 +244,7 @@ def run_plan(model: str | None, hostfile: str | None = None, max_context: int | 
     if rank == 0:
         try:
             if measured and dtype is None:
-                from .load import default_dtype
+                from pipeline.model.load import default_dtype
 
                 dtype = default_dtype()
             model_info = _model(model, dtype)

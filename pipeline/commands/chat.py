@@ -9,7 +9,7 @@ import signal
 import sys
 from dataclasses import asdict
 
-from .generate import Driver, GenerationStats, Sampling
+from pipeline.exec.worker import Driver, GenerationStats, Sampling
 
 HELP = """commands:
   /reset   forget the conversation (and the cached keys/values on every rank)

@@ -21,8 +21,8 @@ from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from . import serve_api as api
-from .engine import Sequence
+from pipeline.serve import api
+from pipeline.exec.engine import Sequence
 
 STATIC = Path(__file__).parent / "static"
 FINISH = {"stop": "stop", "length": "length"}  # engine reasons -> OpenAI's; others: "stop"

@@ -14,19 +14,20 @@ from dataclasses import dataclass
 
 from mpi4py import MPI
 
-from . import blas, hugepages
-from .gguf import GGUFError
-from .generate import Driver, serve
-from .load import (ModelError, held_parameters, hub_repo, load_stage, read_config,
+from pipeline.exec import blas
+from pipeline.model import hugepages
+from pipeline.model.gguf import GGUFError
+from pipeline.exec.worker import Driver, serve
+from pipeline.model.load import (ModelError, held_parameters, hub_repo, load_stage, read_config,
                    resident_bytes, resolve_model)
-from .cluster import CapacityError
-from .distribute import DistributeError, model_kind, prepare as prepare_files
-from .hostfile import HostfileError
-from .placement import DEFAULT_MEMORY_FRACTION
-from .plan import SplitError, check_rank_count, layer_ranges
-from .model_cost import default_max_context
-from .plan_cmd import measure_cluster, preflight_plan
-from .stage import UnsupportedModel, use_rows_first
+from pipeline.place.cluster import CapacityError
+from pipeline.files.distribute import DistributeError, model_kind, prepare as prepare_files
+from pipeline.place.hostfile import HostfileError
+from pipeline.place.planner import DEFAULT_MEMORY_FRACTION
+from pipeline.place.split import SplitError, check_rank_count, layer_ranges
+from pipeline.place.cost import default_max_context
+from pipeline.place.preflight import measure_cluster, preflight_plan
+from pipeline.model.stage import UnsupportedModel, use_rows_first
 
 USER_ERRORS = (ModelError, SplitError, UnsupportedModel, FileNotFoundError, GGUFError,
                HostfileError)

@@ -22,9 +22,9 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.sample_utils import apply_min_p, apply_top_p
 
-from .generate import CacheTable, Driver
-from .stage import near_tie_tolerance, top_summary
-from .transport import (
+from pipeline.exec.worker import CacheTable, Driver
+from pipeline.model.stage import near_tie_tolerance, top_summary
+from pipeline.wire.ring import (
     FLAG_HEAD, FLAG_LOGITS, FLAG_RETURN, OP_END, OP_FILTER, OP_FORWARD, OP_JOIN, OP_OPEN,
     Message, send_request,
 )

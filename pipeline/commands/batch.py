@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine import Engine, Sequence
-from .generate import Driver, Sampling, check_prompt
-from .repl import INTERRUPTS, encode, wants_chat
+from pipeline.exec.engine import Engine, Sequence
+from pipeline.exec.worker import Driver, Sampling, check_prompt
+from pipeline.commands.chat import INTERRUPTS, encode, wants_chat
 
 
 class BatchFileError(ValueError):

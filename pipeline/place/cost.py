@@ -17,8 +17,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.utils import _get_classes
 
-from .load import ModelError, _safetensors_header, layer_of, tensor_index
-from .placement import DEFAULT_MAX_CONTEXT, ModelCost
+from pipeline.model.load import ModelError, _safetensors_header, layer_of, tensor_index
+from pipeline.place.planner import DEFAULT_MAX_CONTEXT, ModelCost
 
 ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _HEADER_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}

@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.utils import _get_classes, dequantize_model
 
-from .stage import Stage, check_supported
+from pipeline.model.stage import Stage, check_supported
 
 
 class ModelError(ValueError):
@@ -49,14 +49,14 @@ def hub_repo(spec: str | None) -> str | None:
 def resolve_model(spec: str | None) -> Path:
     """Local folder holding config.json for `spec` (see module docstring)."""
     if spec is None:
-        from . import gguf
+        from pipeline.model import gguf
 
         return gguf.cached_mlx_model(gguf.default_gguf_path())
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
     if path.is_file() and path.suffix.lower() == ".gguf":
-        from . import gguf
+        from pipeline.model import gguf
 
         return gguf.cached_mlx_model(path)
     if path.is_dir():

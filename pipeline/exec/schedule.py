@@ -11,7 +11,7 @@ completed before its buffer is reused, and every stage receives only from its pr
 the order that predecessor sent. A stage therefore never waits on a message that another
 stage is waiting to send, and no two neighbours block each other in Send past the eager limit.
 
-`pipeline.batch.Engine` issues rank 0's instructions in exactly this order (it decides the
+`pipeline.commands.batch.Engine` issues rank 0's instructions in exactly this order (it decides the
 micro-batch contents as it goes); the workers' loop is `generate.serve`.
 """
 
