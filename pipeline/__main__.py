@@ -25,7 +25,8 @@ from typing import Optional  # noqa: E402
 
 import typer  # noqa: E402
 
-from pipeline.exec.worker import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_CHUNK, Sampling  # noqa: E402
+from pipeline.exec.driver import DEFAULT_PREFILL_CHUNK  # noqa: E402
+from pipeline.exec.sampling import DEFAULT_MAX_TOKENS, SamplingParams  # noqa: E402
 from pipeline.serve.server import (  # noqa: E402
     DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PORT,
 )
@@ -162,7 +163,7 @@ def main(
     """Chat with (or, with --prompt, run once) an LLM split by layers across MPI ranks."""
     if ctx.invoked_subcommand is not None:
         return
-    sampling = Sampling(temp=temp, top_p=top_p, min_p=min_p, seed=seed,
+    sampling = SamplingParams(temp=temp, top_p=top_p, min_p=min_p, seed=seed,
                         max_tokens=max_tokens, ignore_eos=ignore_eos)
     opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, hostfile,
                     max_context, memory_fraction, distribute)
@@ -194,7 +195,7 @@ def batch_cmd(
     """Run a file of prompts with micro-batched pipelining; results stream into OUT."""
     from pipeline.commands.batch import BatchFileError, Defaults, check_output, run_batch
 
-    sampling = Sampling(temp=temp, top_p=top_p, min_p=min_p, seed=seed,
+    sampling = SamplingParams(temp=temp, top_p=top_p, min_p=min_p, seed=seed,
                         max_tokens=max_tokens, ignore_eos=ignore_eos)
     opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, hostfile,
                     max_context, memory_fraction, distribute, share_head)
@@ -263,7 +264,7 @@ def bench_cmd(
             _fail(str(e))
         raise typer.Exit(0)
     opts = _options(model, split, dtype, verbose, DEFAULT_PREFILL_CHUNK, dequantize,
-                    Sampling(max_tokens=gen_tokens), distribute=distribute, share_head=share_head)
+                    SamplingParams(max_tokens=gen_tokens), distribute=distribute, share_head=share_head)
     args = (_int_list(prompt_tokens, "--prompt-tokens"), gen_tokens,
             _int_list(concurrency, "--concurrency"), repeats, warmup, prefill_tokens,
             _int_list(prefill_chunks, "--prefill-chunks"), json_out, plot_out, label)
@@ -297,7 +298,7 @@ def serve_cmd(
     from pipeline.serve.server import listen_socket, model_name, run_serve
 
     opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize,
-                    Sampling(max_tokens=max_tokens), hostfile, max_context, memory_fraction,
+                    SamplingParams(max_tokens=max_tokens), hostfile, max_context, memory_fraction,
                     distribute, share_head)
     if concurrency < 1 or max_queue < 0:
         _fail("--concurrency must be at least 1 and --max-queue at least 0")

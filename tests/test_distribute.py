@@ -156,7 +156,7 @@ def test_unwritable_folder_falls_back_to_the_cache(monkeypatch, tmp_path, source
 
 
 def test_wanted_files_follow_the_split(source):
-    from pipeline.distribute import wanted_files
+    from pipeline.files.distribute import wanted_files
 
     meta = ["config.json", "model.safetensors.index.json", "tokenizer.json",
             "tokenizer_config.json"]

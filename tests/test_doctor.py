@@ -9,7 +9,7 @@ from importlib import metadata
 import pytest
 
 from conftest import MPIRUN, ROOT, mpi_env, run_pipeline
-from pipeline.blas import find_openblas
+from pipeline.exec.blas import find_openblas
 
 
 def doctor_mpmd(model_a, model_b):
@@ -97,7 +97,7 @@ def test_model_folder_missing_on_one_rank(model_copy, tmp_path):
 
 
 def test_huge_pages_off_is_a_warning_not_a_problem():
-    from pipeline.doctor import RankReport, find_problems
+    from pipeline.commands.doctor import RankReport, find_problems
 
     def report(mode):
         return RankReport(0, "h", "3.11", {}, "Open MPI", "cpu", "OpenBLAS", False,

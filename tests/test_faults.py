@@ -69,7 +69,7 @@ def test_sigterm_to_mpirun_leaves_no_orphans(model_dir):
 
 @pytest.mark.parametrize("victim, verbose", [(1, False), (1, True), (0, False)])
 def test_exception_on_any_rank_aborts_the_job(model_dir, victim, verbose):
-    """PIPELINE_FAULT (a test hook in pipeline/generate.py) raises on one rank mid-generation."""
+    """PIPELINE_FAULT (a test hook in pipeline/exec/worker.py) raises on one rank mid-generation."""
     import socket
 
     model = model_dir("tiny-llama")

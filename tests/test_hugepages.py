@@ -1,4 +1,4 @@
-"""Weights moved onto 2 MiB pages (pipeline/hugepages.py): really collapsed, values kept."""
+"""Weights moved onto 2 MiB pages (pipeline/model/hugepages.py): really collapsed, values kept."""
 
 import os
 import sys

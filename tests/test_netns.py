@@ -232,7 +232,8 @@ import sys, time
 import mlx.core as mx
 import numpy as np
 from mpi4py import MPI
-from pipeline.transport import FLAG_HEAD, OP_FORWARD, Message, Ring
+from pipeline.wire.protocol import Flag, Message, Op
+from pipeline.wire.ring import Ring
 comm = MPI.COMM_WORLD
 ring, progress, kind = Ring(comm), sys.argv[1] == "progress", sys.argv[2]
 # a prefill chunk: 8 MiB, far above any eager limit; a decode step of 16 rows with the last
@@ -242,9 +243,9 @@ if comm.Get_rank() == 0:
     h = mx.ones(shape); mx.eval(h)
     comm.Barrier()
     if kind == "chunk":
-        ring.send(Message(OP_FORWARD, h=h))
+        ring.send(Message(Op.FORWARD, h=h))
     else:
-        ring.send(Message(OP_FORWARD, flags=FLAG_HEAD, h=h, part=np.zeros((16, 3))))
+        ring.send(Message(Op.FORWARD, flags=Flag.HEAD, h=h, part=np.zeros((16, 3))))
     start = time.perf_counter()
     while time.perf_counter() - start < 2.0:  # "compute the next chunk", layer by layer
         end = time.perf_counter() + 0.01

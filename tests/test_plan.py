@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.plan import SplitError, layer_ranges, parse_split
+from pipeline.place.split import SplitError, layer_ranges, parse_split
 
 
 def test_layer_ranges():

@@ -170,8 +170,8 @@ def test_does_not_fit_under_mpirun_ends_every_rank(model_dir, tmp_path):
 def test_a_run_that_dequantizes_plans_with_dense_sizes(config_only_70b):
     """The embedded model is expanded to float32 at load on a CPU: the plan must weigh (and
     balance) the dense layers, not the 4-bit ones in the checkpoint."""
-    from pipeline.cluster import Capacity
-    from pipeline.plan_cmd import preflight_plan
+    from pipeline.place.cluster import Capacity
+    from pipeline.place.preflight import preflight_plan
 
     config = json.loads((config_only_70b / "config.json").read_text())
     caps = [Capacity(r, f"h{r}", 1024 * GiB, None, "cpu", "x", None, 100e9, None, "/")

@@ -3,8 +3,9 @@
 import mlx.core as mx
 
 from conftest import run_pipeline
-from pipeline.generate import Driver, Sampling
-from pipeline.load import load_stage, read_config, resident_bytes
+from pipeline.exec.driver import Driver
+from pipeline.exec.sampling import SamplingParams
+from pipeline.model.load import load_stage, read_config, resident_bytes
 
 
 def test_two_turns_stats_reset_quit(model_dir):
@@ -50,7 +51,7 @@ def test_cache_reuse_gives_the_same_tokens_as_a_fresh_prefill(model_dir):
         stage = load_stage(path, config, (0, config["num_hidden_layers"]), with_head=True)
         return Driver(None, stage, tokenizer=_Tok(), weight_bytes=resident_bytes(stage))
 
-    sampling = Sampling(max_tokens=6, ignore_eos=True)
+    sampling = SamplingParams(max_tokens=6, ignore_eos=True)
     turn1 = list(range(10, 15))
     d = fresh_driver()
     first = [t for t, _ in d.generate(turn1, sampling) if t >= 0]

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.exec.engine import Engine, Sequence
-from pipeline.exec.worker import Driver, Sampling, check_prompt
+from pipeline.exec.driver import Driver, check_prompt
+from pipeline.exec.sampling import SamplingParams
 from pipeline.commands.chat import INTERRUPTS, encode, wants_chat
 
 
@@ -27,7 +28,7 @@ class BatchFileError(ValueError):
 
 @dataclass
 class Defaults:
-    sampling: Sampling
+    sampling: SamplingParams
     system: str | None
     chat: bool | None
 
@@ -101,11 +102,11 @@ def _sequence(rec: dict, tokenizer, d: Defaults, context: int | None) -> Sequenc
     else:
         messages = ([{"role": "system", "content": d.system}] if d.system and chat else [])
         messages.append({"role": "user", "content": rec["prompt"]})
-    s = Sampling(
+    s = SamplingParams(
         temp=float(rec.get("temperature", d.sampling.temp)),
         top_p=float(rec.get("top_p", d.sampling.top_p)),
         min_p=d.sampling.min_p,
-        seed=rec.get("seed", d.sampling.seed),
+        seed=_seed(rec, d.sampling.seed),
         max_tokens=int(rec.get("max_tokens", d.sampling.max_tokens)),
         ignore_eos=d.sampling.ignore_eos,
     )
@@ -113,9 +114,15 @@ def _sequence(rec: dict, tokenizer, d: Defaults, context: int | None) -> Sequenc
     prompt = encode(tokenizer, messages, chat)
     check_prompt(prompt, context)
     shown = rec.get("prompt", messages[-1].get("content") if messages else "")
-    return Sequence(id=rec["id"], prompt=prompt, max_tokens=s.max_tokens, temp=s.temp,
-                    top_p=s.top_p, min_p=s.min_p, seed=s.seed, ignore_eos=s.ignore_eos,
-                    extra={"prompt": shown})
+    return Sequence(id=rec["id"], prompt=prompt, sampling=s, extra={"prompt": shown})
+
+
+def _seed(rec: dict, seed: int | None) -> int | None:
+    """A line's own "seed", else --seed + (its line number - 1): each line its own stream,
+    the first line's the same as a one-shot run with --seed."""
+    if "seed" in rec:
+        return rec["seed"]
+    return None if seed is None else seed + rec["line"] - 1
 
 
 def _percentile(values: list[float], q: float) -> float:

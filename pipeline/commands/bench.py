@@ -30,7 +30,8 @@ import mlx.core as mx
 from pipeline.exec import blas
 from pipeline.place.cluster import measure_hops
 from pipeline.exec.engine import Engine, Sequence
-from pipeline.exec.worker import Driver, Sampling
+from pipeline.exec.driver import Driver
+from pipeline.exec.sampling import SamplingParams
 
 
 @dataclass
@@ -96,7 +97,8 @@ def run_decode(driver: Driver, concurrency: int, prompt_tokens: int, gen_tokens:
                vocab: int, seed: int) -> dict:
     """One run of `concurrency` sequences at once; returns its figures."""
     prompts = random_prompts(concurrency, prompt_tokens, vocab, seed)
-    seqs = [Sequence(id=i, prompt=p, max_tokens=gen_tokens, ignore_eos=True)
+    seqs = [Sequence(id=i, prompt=p,
+                     sampling=SamplingParams(max_tokens=gen_tokens, ignore_eos=True))
             for i, p in enumerate(prompts)]
     done: list[Sequence] = []
     engine = Engine(driver, concurrency)
@@ -124,7 +126,7 @@ def run_prefill(driver: Driver, length: int, chunk: int, vocab: int, seed: int) 
     driver.prefill_chunk = chunk
     driver.reset()
     start = time.perf_counter()
-    for _ in driver.generate(prompt, Sampling(max_tokens=1, ignore_eos=True)):
+    for _ in driver.generate(prompt, SamplingParams(max_tokens=1, ignore_eos=True)):
         pass
     return time.perf_counter() - start
 

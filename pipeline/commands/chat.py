@@ -9,7 +9,8 @@ import signal
 import sys
 from dataclasses import asdict
 
-from pipeline.exec.worker import Driver, GenerationStats, Sampling
+from pipeline.exec.driver import Driver, GenerationStats
+from pipeline.exec.sampling import SamplingParams
 
 HELP = """commands:
   /reset   forget the conversation (and the cached keys/values on every rank)
@@ -50,7 +51,7 @@ def format_stats(stats: GenerationStats, ranks: list[dict]) -> list[str]:
 
 
 def run_one_shot(driver: Driver, prompt: str, system: str | None, chat: bool | None,
-                 sampling: Sampling, as_json: bool = False) -> None:
+                 sampling: SamplingParams, as_json: bool = False) -> None:
     """Print only the completion on stdout (newline at the end); figures on stderr."""
     chat = wants_chat(driver.tokenizer, chat)
     messages = ([{"role": "system", "content": system}] if system and chat else [])
@@ -146,7 +147,7 @@ class _CtrlC:
         self.driver.interrupted = True
 
 
-def run_repl(driver: Driver, system: str | None, chat: bool | None, sampling: Sampling,
+def run_repl(driver: Driver, system: str | None, chat: bool | None, sampling: SamplingParams,
              reader: InputReader | None = None) -> None:
     reader = reader or InputReader()
     ctrl_c = _CtrlC(driver)
@@ -158,7 +159,7 @@ def run_repl(driver: Driver, system: str | None, chat: bool | None, sampling: Sa
             signal.signal(s, handler)
 
 
-def _repl_loop(driver: Driver, system: str | None, chat: bool | None, sampling: Sampling,
+def _repl_loop(driver: Driver, system: str | None, chat: bool | None, sampling: SamplingParams,
                reader: InputReader, ctrl_c: _CtrlC) -> None:
     chat = wants_chat(driver.tokenizer, chat)
     base = [{"role": "system", "content": system}] if system and chat else []
@@ -219,7 +220,7 @@ def _repl_loop(driver: Driver, system: str | None, chat: bool | None, sampling: 
         messages.append({"role": "assistant", "content": answer})
 
 
-def _stream_answer(driver: Driver, tokens: list[int], sampling: Sampling, out) -> str:
+def _stream_answer(driver: Driver, tokens: list[int], sampling: SamplingParams, out) -> str:
     """Stream one answer; Ctrl-C stops it (every rank drops the rest) and returns the prompt."""
     parts = []
     for _, segment in driver.generate(tokens, sampling):

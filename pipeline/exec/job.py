@@ -17,7 +17,9 @@ from mpi4py import MPI
 from pipeline.exec import blas
 from pipeline.model import hugepages
 from pipeline.model.gguf import GGUFError
-from pipeline.exec.worker import Driver, serve
+from pipeline.exec.driver import Driver
+from pipeline.exec.worker import Worker
+from pipeline.wire.ring import Ring
 from pipeline.model.load import (ModelError, held_parameters, hub_repo, load_stage, read_config,
                    resident_bytes, resolve_model)
 from pipeline.place.cluster import CapacityError
@@ -175,7 +177,7 @@ def start(opts: Options, comm=None):
     reports = comm.gather((socket.gethostname(), device, blas_name, reference), root=0)
 
     if rank != 0:
-        serve(comm, stage, weight_bytes)
+        Worker(Ring(comm), stage, weight_bytes).run()
         return None
 
     from mlx_lm.utils import load_tokenizer
@@ -191,10 +193,8 @@ def start(opts: Options, comm=None):
                   f"install OpenBLAS (apt-get install libopenblas0-pthread)",
                   file=sys.stderr, flush=True)
     context = opts.max_context or default_max_context(config)
-    driver = Driver(comm if size > 1 else None, stage, tokenizer, weight_bytes,
-                    opts.prefill_chunk, context)
-    driver.head_share_rows = plan["head_share_rows"]
-    return driver
+    return Driver(comm, stage, tokenizer, weight_bytes, opts.prefill_chunk, context,
+                  head_share_rows=plan["head_share_rows"])
 
 
 def abort_on_error(comm, exc: BaseException, verbose: bool) -> None:

@@ -9,12 +9,10 @@ model's `__call__`.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_map
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
@@ -89,24 +87,6 @@ def use_rows_first(stage: "Stage") -> int:
             switched += 1
     stage.rows_first = True
     return switched
-
-
-def near_tie_tolerance(dtype, vocab: int) -> float:
-    """How close to a row's maximum another logit must come for the argmax of the logits to
-    possibly differ from mlx-lm's argmax of the log-probabilities (see engine.greedy_rows)."""
-    return 8 * float(mx.finfo(dtype).eps) * (2 * math.log(vocab) + 1)
-
-
-def top_summary(logits: mx.array, vocab: int) -> np.ndarray:
-    """Per row of logits: [B, C] (part of a vocabulary of `vocab`): its maximum, the index of
-    the first maximum and how many logits lie within the near-tie tolerance of it, as float64
-    [B, 3] (exact for every float dtype)."""
-    top = mx.max(logits, axis=-1, keepdims=True)
-    close = mx.sum(logits >= top - near_tie_tolerance(logits.dtype, vocab), axis=-1)
-    index = mx.argmax(logits, axis=-1)
-    mx.eval(top, close, index)
-    return np.stack([np.array(top[:, 0].astype(mx.float32), np.float64),
-                     np.array(index, np.float64), np.array(close, np.float64)], axis=1)
 
 
 def _is_sliding(layer: nn.Module) -> bool:

@@ -23,6 +23,7 @@ from starlette.staticfiles import StaticFiles
 
 from pipeline.serve import api
 from pipeline.exec.engine import Sequence
+from pipeline.exec.sampling import SamplingParams
 
 STATIC = Path(__file__).parent / "static"
 FINISH = {"stop": "stop", "length": "length"}  # engine reasons -> OpenAI's; others: "stop"
@@ -33,9 +34,11 @@ class Job:
 
     def __init__(self, state, req: api.Request):
         self.state, self.req = state, req
-        self.seq = Sequence(id=id(self), prompt=req.prompt, max_tokens=req.max_tokens,
-                            temp=req.temp, top_p=req.top_p, min_p=req.min_p, seed=req.seed,
-                            ignore_eos=req.ignore_eos, extra={"job": self})
+        sampling = SamplingParams(temp=req.temp, top_p=req.top_p, min_p=req.min_p,
+                                  seed=req.seed, max_tokens=req.max_tokens,
+                                  ignore_eos=req.ignore_eos)
+        self.seq = Sequence(id=id(self), prompt=req.prompt, sampling=sampling,
+                            extra={"job": self})
         self.events: asyncio.Queue = asyncio.Queue()
         self.detok = state.tokenizer.detokenizer  # a fresh copy per access
         self.stops = api.StopText(req.stop)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline.serve import api
 from pipeline.exec.engine import Engine, Sequence
-from pipeline.exec.worker import Driver
+from pipeline.exec.driver import Driver
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080

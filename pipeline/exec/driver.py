@@ -1,0 +1,194 @@
+"""Rank 0's handle on the pipeline: the prefill step and the decode step every command uses,
+and one conversation's generation (one-shot, REPL) on top of them.
+
+A step embeds tokens, runs rank 0's layers and posts the result to rank 1; it comes back
+from the last rank (when the step asked for it, Flag.RETURN) to be normed, projected to
+logits and sampled here. Prefill is pipelined for free: rank 0 posts chunk k and goes
+straight on to chunk k+1, so the stages work on different chunks at the same time. With one
+rank the "ring" is a local queue. Batch generation (engine.py) drives the same steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import mlx.core as mx
+
+from pipeline.exec import worker
+from pipeline.exec.sampling import Sampler, SamplingParams, logprobs_of
+from pipeline.exec.worker import injected_fault, rank_stats
+from pipeline.model.stage import Stage
+from pipeline.wire.protocol import Flag, Message, Op, Quit, Run, Stats
+from pipeline.wire.ring import Ring
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0  # tokens prefilled for this turn (reused cache excluded)
+    cached_tokens: int = 0  # tokens whose KV cache was reused from the previous turn
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    ttft_s: float = 0.0
+    finish_reason: str = ""
+    tokens: list[int] = field(default_factory=list)
+
+
+def check_prompt(prompt: list[int], context: int | None) -> None:
+    if not prompt:
+        raise ValueError("empty prompt: type some text")
+    if context is not None and len(prompt) >= context:
+        raise ValueError(f"the prompt has {len(prompt)} tokens but the context window is "
+                         f"{context}: shorten it (in the chat: /reset), or raise --max-context "
+                         f"if the model allows")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Driver:
+    """Rank 0: the steps over the ring, and one conversation's KV cache at a time."""
+
+    def __init__(self, comm, stage: Stage, tokenizer, weight_bytes: int,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, context: int | None = None,
+                 head_share_rows: int = 0, ring=None):
+        self.stage, self.tokenizer = stage, tokenizer
+        self.ring = ring if ring is not None else (
+            Ring(comm) if comm is not None and comm.Get_size() > 1 else None)
+        self.size = self.ring.size if self.ring is not None else 1
+        self.weight_bytes = weight_bytes
+        self.prefill_chunk = prefill_chunk
+        self.context = context  # the context window (tokens); None: unchecked
+        self.head_share_rows = head_share_rows  # vocabulary rows the last rank holds
+        self.head_split = None  # the engine's HeadSplit, learnt once and kept for the job
+        self.fed: list[int] = []  # tokens whose keys/values sit in the caches of every rank
+        self.interrupted = False  # set from a signal handler to stop the current generation
+        self.last_stats: GenerationStats | None = None
+        self.steps = 0  # forward steps, for the PIPELINE_FAULT test hook
+        self._local: deque = deque()  # one rank: steps "sent round" to ourselves
+
+    # -- the steps every command uses ----------------------------------------------------
+    def request(self, request) -> None:
+        if self.ring is not None:
+            self.ring.request(request)
+
+    def send(self, msg: Message) -> None:
+        """A control message (or END) down the ring."""
+        if self.ring is not None:
+            self.ring.send(msg)
+
+    def step(self, tokens: mx.array, caches: list | None, mb: int = 0,
+             flags: Flag = Flag.NONE, head_rows: int = 0) -> None:
+        """Embed tokens: [B, L], run rank 0's layers on `caches` (None: the conversation's)
+        and post the result round the ring; with Flag.RETURN it comes back to collect()."""
+        if worker.FAULT:
+            self.steps += 1
+            injected_fault(0, self.steps)
+        ring = self.ring
+        progress = ring.progress if ring is not None and ring.sending else None
+        h = self.stage.forward(self.stage.embed(tokens), caches, progress)
+        mx.eval(h)
+        if ring is None:
+            if flags & Flag.RETURN:
+                self._local.append(Message(Op.FORWARD, mb, flags, h=h))
+        else:
+            ring.send(Message(Op.FORWARD, mb, flags, h=h, head_rows=head_rows))
+
+    def prefill(self, tokens: list[int], caches: list | None, mb: int = 0) -> None:
+        """Post prompt tokens in chunks of prefill_chunk; nothing comes back."""
+        for i in range(0, len(tokens), self.prefill_chunk):
+            self.step(mx.array([tokens[i : i + self.prefill_chunk]]), caches, mb)
+
+    def collect(self) -> Message:
+        """The next step that comes back round the ring (in the order they were sent)."""
+        return self._local.popleft() if self.ring is None else self.ring.recv()
+
+    # -- one conversation: one-shot and the REPL -----------------------------------------
+    def _reusable_prefix(self, prompt: list[int]) -> int:
+        keep = min(_common_prefix(self.fed, prompt), len(prompt) - 1)
+        window = self.stage.min_window
+        if keep < len(self.fed) and window is not None and len(self.fed) >= window:
+            return 0  # a full sliding-window cache cannot rewind
+        return keep
+
+    def generate(self, prompt: list[int], sampling: SamplingParams) -> Iterator[tuple[int, str]]:
+        """Yield (token, text segment) as tokens come; stats land in `self.last_stats`.
+        Stops at max_tokens, at EOS, or when the context window is full ("length")."""
+        check_prompt(prompt, self.context)
+        keep = self._reusable_prefix(prompt)
+        self.request(Run(keep))
+        self.stage.trim_to(keep)
+        self.fed = self.fed[:keep]
+        stats = GenerationStats(prompt_tokens=len(prompt) - keep, cached_tokens=keep)
+        self.last_stats = stats
+        sampler = Sampler(sampling)
+        eos = set() if sampling.ignore_eos else set(self.tokenizer.eos_token_ids)
+        budget = sampling.max_tokens
+        if self.context is not None:  # prompt + answer within the window, as serve counts
+            budget = min(budget, self.context - len(prompt))
+        detok = self.tokenizer.detokenizer
+        detok.reset()
+        self.interrupted = False
+        start = time.perf_counter()
+        todo = prompt[keep:]
+        try:
+            # Like mlx-lm: prefill all but the last prompt token, which starts decoding.
+            self.prefill(todo[:-1], None)
+            self.fed.extend(todo[:-1])
+            token, first = todo[-1], None
+            stats.finish_reason = "length"
+            while stats.generation_tokens < budget:
+                self.step(mx.array([[token]]), None, flags=Flag.RETURN)
+                self.fed.append(token)
+                logits = self.stage.logits(self.collect().h)  # [1, V]
+                token = sampler(logprobs_of(logits))
+                if first is None:
+                    first = time.perf_counter()
+                    stats.ttft_s = first - start
+                stats.generation_tokens += 1
+                stats.tokens.append(token)
+                if token in eos:
+                    stats.finish_reason = "stop"
+                    break
+                detok.add_token(token)
+                yield token, detok.last_segment
+                if self.interrupted:
+                    stats.finish_reason = "interrupted"
+                    break
+        finally:
+            self.send(Message(Op.END))
+        detok.finalize()
+        tail = detok.last_segment  # reading it moves the offset on: read it once
+        if tail:
+            yield -1, tail
+        end = time.perf_counter()
+        stats.prompt_tps = stats.prompt_tokens / stats.ttft_s if stats.ttft_s else 0.0
+        if stats.generation_tokens > 1:
+            stats.generation_tps = (stats.generation_tokens - 1) / (end - first)
+
+    def reset(self) -> None:
+        """Forget the conversation; the next request clears every rank's cache (keep=0)."""
+        self.fed = []
+
+    def rank_stats(self) -> list[dict]:
+        mine = rank_stats(self.stage, self.ring, self.weight_bytes)
+        if self.ring is None:
+            return [mine]
+        self.ring.request(Stats())
+        return self.ring.gather_stats(mine)
+
+    def shutdown(self) -> None:
+        if self.ring is not None:
+            self.ring.request(Quit())
+            self.ring.close()

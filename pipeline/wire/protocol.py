@@ -1,0 +1,153 @@
+"""The ring protocol, defined once: what ranks say to each other and how it is encoded.
+
+Two kinds of traffic, on separate MPI tags:
+- ring messages (TAG_RING), always to the next rank and from the previous one: a header of
+  HEADER_FIELDS int64 values, then the activation buffer [B, L, D] (FORWARD) or an int64
+  payload (control ops), then the last stage's share of the head (`part`) when it has one;
+- requests (TAG_REQ), small Python objects from rank 0 to every other rank, which say what
+  the ring messages that follow belong to (a chat turn, a batch), and stats replies (TAG_STATS).
+
+Every rank applies the control ops (OPEN, JOIN, FILTER, END) in the order they travel the
+ring, so the cache tables of all ranks stay alike without any other synchronization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum, IntFlag
+
+import mlx.core as mx
+import numpy as np
+
+TAG_RING, TAG_REQ, TAG_STATS = 11, 12, 13
+
+
+class Op(IntEnum):
+    FORWARD = 1  # activation of micro-batch `mb`: run the stage's layers on it
+    END = 2  # the current request is over: every rank drops its batch caches
+    OPEN = 3  # new empty caches for id `mb` (a sequence about to be prefilled)
+    JOIN = 4  # merge the caches of the ids in the payload into micro-batch `mb`
+    FILTER = 5  # keep only the rows in the payload of micro-batch `mb` (empty: drop it)
+
+
+class Flag(IntFlag):
+    NONE = 0
+    RETURN = 1  # the last stage sends this activation back to rank 0
+    HEAD = 2  # the last stage adds its share of the head: per row max, argmax, near-tie count
+    LOGITS = 4  # ... or its share's logits themselves (rows that are sampled need them all)
+
+
+# Requests from rank 0 (TAG_REQ). Ring messages follow Run and Batch until an END.
+@dataclass(frozen=True)
+class Run:
+    """One generation on the conversation's caches (chat turn, one-shot): keep the first
+    `keep` cached tokens, drop the rest."""
+    keep: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Micro-batched generation on batch caches (batch, serve, bench); the conversation's
+    caches are not used and not kept."""
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Reply with this rank's figures (TAG_STATS)."""
+
+
+@dataclass(frozen=True)
+class Quit:
+    """Leave the worker loop."""
+
+
+Request = Run | Batch | Stats | Quit
+
+
+@dataclass
+class Message:
+    """One ring message. A field has one meaning, whichever way the message travels."""
+
+    op: Op
+    mb: int = 0  # micro-batch (or prefilling sequence) id; 0 is the conversation
+    flags: Flag = Flag.NONE
+    h: mx.array | None = None  # FORWARD: [B, L, D]
+    payload: list[int] = field(default_factory=list)  # JOIN: ids; FILTER: rows to keep
+    head_rows: int = 0  # HEAD/LOGITS: vocabulary rows [0, head_rows) the last stage computes
+    busy_us: int = 0  # on the way back: the last stage's compute time for this step
+    part: object = None  # the last stage's head share: HEAD float64 [B, 3], LOGITS [B, C]
+
+
+# op, mb, flags, dtype code, B, L, D, head_rows, busy_us, part columns
+# (control ops: B = payload length)
+HEADER_FIELDS = 10
+
+_WIRE = {  # mlx dtype -> (code, numpy dtype on the wire, view back)
+    mx.float32: (0, np.float32, None),
+    mx.float16: (1, np.float16, None),
+    mx.bfloat16: (2, np.uint16, mx.bfloat16),  # numpy has no bfloat16: ship the bits
+}
+_FROM_CODE = {code: (np_dtype, view) for code, np_dtype, view in _WIRE.values()}
+
+
+def to_wire(a: mx.array) -> tuple[int, np.ndarray]:
+    """(dtype code, contiguous numpy buffer) of an evaluated array."""
+    code, _, view = _WIRE[a.dtype]
+    return code, np.ascontiguousarray(a.view(mx.uint16) if view is not None else a)
+
+
+def wire_buffer(code: int, shape: tuple) -> np.ndarray:
+    """An empty receive buffer for an array of dtype `code`."""
+    return np.empty(shape, dtype=_FROM_CODE[code][0])
+
+
+def from_wire(code: int, buf: np.ndarray) -> mx.array:
+    a = mx.array(buf)
+    view = _FROM_CODE[code][1]
+    return a.view(view) if view is not None else a
+
+
+def encode(msg: Message) -> list[np.ndarray]:
+    """The buffers of a message, header first."""
+    if msg.h is None:
+        header = [msg.op, msg.mb, msg.flags, 0, len(msg.payload), 0, 0, 0, 0, 0]
+        bufs = [np.array(header, np.int64)]
+        if msg.payload:
+            bufs.append(np.array(msg.payload, dtype=np.int64))
+        return bufs
+    code, buf = to_wire(msg.h)  # h: [B, L, D], evaluated
+    b, l, d = msg.h.shape
+    part = None
+    if msg.part is not None:  # [B, 3] float64 summary, or logits in h's dtype
+        part = (np.ascontiguousarray(msg.part, np.float64) if msg.flags & Flag.HEAD
+                else to_wire(msg.part.astype(msg.h.dtype))[1])
+    cols = part.shape[1] if part is not None else 0
+    header = [msg.op, msg.mb, msg.flags, code, b, l, d, msg.head_rows, msg.busy_us, cols]
+    return [np.array(header, np.int64), buf] + ([part] if part is not None else [])
+
+
+@dataclass(frozen=True)
+class Header:
+    op: Op
+    mb: int
+    flags: Flag
+    code: int
+    b: int
+    l: int
+    d: int
+    head_rows: int
+    busy_us: int
+    cols: int
+
+    @classmethod
+    def decode(cls, buf: np.ndarray) -> "Header":
+        op, mb, flags, code, b, l, d, head_rows, busy_us, cols = (int(x) for x in buf)
+        return cls(Op(op), mb, Flag(flags), code, b, l, d, head_rows, busy_us, cols)
+
+    def part_buffer(self) -> np.ndarray | None:
+        """Receive buffer for the head share that follows the activation, if any."""
+        if not self.cols:
+            return None
+        if self.flags & Flag.HEAD:
+            return np.empty((self.b, self.cols), dtype=np.float64)
+        return wire_buffer(self.code, (self.b, self.cols))
