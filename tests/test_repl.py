@@ -3,6 +3,7 @@
 import mlx.core as mx
 
 from conftest import run_pipeline
+from helpers import NullTokenizer
 from pipeline.exec.driver import Driver
 from pipeline.exec.sampling import SamplingParams
 from pipeline.model.load import load_stage, read_config, resident_bytes
@@ -49,7 +50,7 @@ def test_cache_reuse_gives_the_same_tokens_as_a_fresh_prefill(model_dir):
 
     def fresh_driver():
         stage = load_stage(path, config, (0, config["num_hidden_layers"]), with_head=True)
-        return Driver(None, stage, tokenizer=_Tok(), weight_bytes=resident_bytes(stage))
+        return Driver(None, stage, tokenizer=NullTokenizer(), weight_bytes=resident_bytes(stage))
 
     sampling = SamplingParams(max_tokens=6, ignore_eos=True)
     turn1 = list(range(10, 15))
@@ -60,24 +61,3 @@ def test_cache_reuse_gives_the_same_tokens_as_a_fresh_prefill(model_dir):
     assert d.last_stats.cached_tokens == len(turn1) + len(first) - 1
     again = [t for t, _ in fresh_driver().generate(turn2, sampling) if t >= 0]
     assert reused == again
-
-
-class _Tok:
-    """Just enough tokenizer for Driver: no EOS, a detokenizer that records nothing."""
-
-    eos_token_ids = []
-
-    class detokenizer:
-        last_segment = ""
-
-        @staticmethod
-        def reset():
-            pass
-
-        @staticmethod
-        def add_token(t):
-            pass
-
-        @staticmethod
-        def finalize():
-            pass
