@@ -73,3 +73,28 @@ def reference_tokens(path: Path, prompt_ids: list[int], n: int, dequantize: bool
     steps = generate_step(mx.array(prompt_ids), model, max_tokens=n,
                           sampler=lambda logprobs: mx.argmax(logprobs, axis=-1))
     return [int(tok) for tok, _ in steps]
+
+
+# A test that starts processes (mpirun, a pipeline subprocess, a server) is marked `slow`,
+# so that `pytest -m "not slow"` runs the in-process tests in about a minute. Decided from the
+# test's source: it names one of these, or takes a fixture that starts processes.
+_STARTS_PROCESSES = ("run_pipeline", "run_json", "pipeline_cmd", "MPIRUN", "subprocess",
+                     "Popen", "netns_json", "LAUNCH")
+_PROCESS_FIXTURES = {"server", "three_hosts", "two_hosts", "netns_ok", "ssh_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is None:
+            continue
+        helpers = {name for name, obj in vars(item.module).items()
+                   if inspect.isfunction(obj) and obj.__module__ == item.module.__name__
+                   and not name.startswith("test_")
+                   and any(k in inspect.getsource(obj) for k in _STARTS_PROCESSES)}
+        src = inspect.getsource(fn)
+        if (any(k in src for k in _STARTS_PROCESSES) or any(f"{h}(" in src for h in helpers)
+                or _PROCESS_FIXTURES & set(item.fixturenames)):
+            item.add_marker(pytest.mark.slow)

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from conftest import mpi_env, pipeline_cmd, reference_tokens, run_pipeline
+from helpers import rank_pid
 
 PROMPTS = [
     "hello there",
@@ -90,20 +91,6 @@ def test_unwritable_output_fails_before_work(model_dir, tmp_path):
     assert "cannot write output file /nonexistent/dir/out.jsonl" in proc.stderr
 
 
-def _rank0_pid(parent_pid):
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if b"pipeline" in cmd and b"OMPI_COMM_WORLD_RANK=0" in env and b"batch" in cmd:
-            return int(pid)
-    return None
-
-
 def test_kill_rank0_mid_run_then_resume(model_dir, tmp_path):
     model = model_dir("tiny-llama")
     records = [{"id": i, "prompt": f"prompt number {i} says", "max_tokens": 40} for i in range(24)]
@@ -116,7 +103,7 @@ def test_kill_rank0_mid_run_then_resume(model_dir, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
         time.sleep(0.05)
-    pid = _rank0_pid(proc.pid)
+    pid = rank_pid(0, b"pipeline", b"batch")
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=60)

@@ -18,29 +18,10 @@ import time
 import pytest
 
 from conftest import ROOT, mpi_env, run_pipeline
+from helpers import processes
 
 LAUNCH = str(ROOT / "launch" / "mpirun")
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-
-
-def _ppids() -> dict[int, int]:
-    table = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                table[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    return table
-
-
-def _start_time(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] == "Z" else fields[19]  # a zombie is gone for our purpose
 
 
 def _take_terminal() -> None:
@@ -62,14 +43,16 @@ class Terminal:
         self.seen: dict[int, str | None] = {}  # every process of the job: pid -> start time
 
     def _track(self) -> None:
-        ppid = _ppids()
+        procs = {p.pid: p for p in processes()}
+        ppid = {pid: p.ppid for pid, p in procs.items()}
         family, grew = {self.proc.pid}, True
         while grew:
             kids = {p for p, pp in ppid.items() if pp in family} - family
             family |= kids
             grew = bool(kids)
         for pid in family - set(self.seen):
-            self.seen[pid] = _start_time(pid)
+            p = procs.get(pid)
+            self.seen[pid] = p.start if p and p.state != "Z" else None
 
     def expect(self, predicate, timeout: float = 60) -> bytes:
         """Read the terminal until predicate(output) holds; returns the output."""
@@ -108,7 +91,8 @@ class Terminal:
 
     def leftovers(self) -> list[int]:
         """Processes of the job (launcher, mpirun, ranks) still alive."""
-        return [p for p, start in self.seen.items() if start and _start_time(p) == start]
+        now = {p.pid: p.start for p in processes() if p.state != "Z"}  # a zombie is gone
+        return [p for p, start in self.seen.items() if start and now.get(p) == start]
 
     def close(self) -> None:
         """After a failure: end the whole job (mpirun runs in a session of its own)."""

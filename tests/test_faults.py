@@ -8,18 +8,7 @@ import time
 import pytest
 
 from conftest import mpi_env, pipeline_cmd
-
-
-def rank_pid(rank: int, marker: bytes) -> int | None:
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if marker in cmd and f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
-            return int(pid)
-    return None
+from helpers import rank_pid
 
 
 def python_ranks(marker: bytes) -> list[int]:

@@ -24,6 +24,7 @@ CLUSTER = str(ROOT / "launch" / "netns-cluster")
 RSH = str(ROOT / "launch" / "netns-rsh")
 NETNS_MPIRUN = str(ROOT / "launch" / "netns-mpirun")
 MARK = "# pipeline-netns"
+pytestmark = pytest.mark.netns
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 N_TOKENS = 16
 

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import ROOT, mpi_env, pipeline_cmd, run_json, run_pipeline
+from helpers import processes
 
 ARCH = "tiny-llama"
 CONCURRENCY, MAX_QUEUE = 4, 4  # so 8 requests fit and a 9th is refused
@@ -382,15 +383,8 @@ def test_chat_page_in_headless_chromium_streams_an_answer(server, oracle, tmp_pa
 
 
 def _ranks_alive():
-    alive = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if MARKER in cmd and b"python" in cmd and b"serve" in cmd:
-            alive.append(int(pid))
-    return alive
+    return [p.pid for p in processes()
+            if MARKER in p.cmd and b"python" in p.cmd and b"serve" in p.cmd]
 
 
 def test_ctrl_c_mid_stream_ends_every_rank(server):

@@ -24,6 +24,7 @@ import time
 import pytest
 
 from conftest import mpi_env, pipeline_cmd
+from helpers import processes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -32,17 +33,7 @@ def rank_pids(mpirun_pid: int, n: int, timeout: float = 60) -> list[int]:
     """The n python ranks started by this mpirun (OpenMPI 5: its direct children)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except (OSError, ValueError):
-                continue
-            if ppid == mpirun_pid and b"pipeline" in cmd:
-                found.append(int(pid))
+        found = [p.pid for p in processes() if p.ppid == mpirun_pid and b"pipeline" in p.cmd]
         if len(found) == n:
             return sorted(found)
         time.sleep(0.05)
