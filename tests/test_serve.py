@@ -144,7 +144,7 @@ def oracle(model_dir):
 
 
 def encode(tok, text, chat):
-    from pipeline.repl import encode as encode_messages
+    from pipeline.commands.chat import encode as encode_messages
 
     return encode_messages(tok, [{"role": "user", "content": text}], chat)
 
@@ -423,7 +423,7 @@ def test_serve_flag_and_port_errors(model_dir):
 
 
 def test_non_loopback_address_is_flagged():
-    from pipeline.serve import _url
+    from pipeline.serve.server import _url
 
     for host, loopback in (("127.0.0.1", True), ("0.0.0.0", False)):
         with socket.socket() as s:
@@ -432,7 +432,7 @@ def test_non_loopback_address_is_flagged():
 
 
 def test_stop_text_never_sends_part_of_a_stop_string():
-    from pipeline.serve_api import StopText
+    from pipeline.serve.api import StopText
 
     stops = StopText(["END", "\n\n"])
     sent = [stops.feed(piece) for piece in ["hello E", "N", "x more\n", "te", "xt EN", "D tail"]]
