@@ -28,7 +28,7 @@ import typer  # noqa: E402
 from pipeline.exec.driver import DEFAULT_PREFILL_CHUNK  # noqa: E402
 from pipeline.exec.sampling import DEFAULT_MAX_TOKENS, SamplingParams  # noqa: E402
 from pipeline.serve.server import (  # noqa: E402
-    DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PORT,
+    API_KEY_ENV, DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PORT,
 )
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -281,6 +281,9 @@ def serve_cmd(
     host: str = typer.Option(DEFAULT_HOST, "--host", help="Address to listen on (127.0.0.1: "
                              "this machine only; 0.0.0.0: every interface)."),
     port: int = typer.Option(DEFAULT_PORT, "--port", help="TCP port (0: any free one)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar=API_KEY_ENV, help="Key every "
+                                          "request must send as 'Authorization: Bearer KEY' "
+                                          "(the page and /health stay open)."),
     concurrency: int = typer.Option(DEFAULT_CONCURRENCY, "--concurrency", "-c",
                                      help="Requests generated at once."),
     max_queue: int = typer.Option(DEFAULT_MAX_QUEUE, "--max-queue", help="Requests waiting beyond "
@@ -295,7 +298,7 @@ def serve_cmd(
     verbose: bool = VERBOSE,
 ):
     """OpenAI-compatible API (/v1) and a chat page (/) on rank 0; the other ranks serve layers."""
-    from pipeline.serve.server import listen_socket, model_name, run_serve
+    from pipeline.serve.server import check_api_key, listen_socket, model_name, run_serve
 
     opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize,
                     SamplingParams(max_tokens=max_tokens), hostfile, max_context, memory_fraction,
@@ -307,12 +310,14 @@ def serve_cmd(
     sock = None
     if _rank() == 0:  # claim the port now; a taken one ends every rank before the model loads
         try:
+            api_key = check_api_key(api_key)
             sock = listen_socket(host, port)
         except ValueError as e:
             opts.refuse = str(e)
 
     def body(driver):
-        run_serve(driver, sock, model_name(model), concurrency, max_queue, max_tokens, verbose)
+        run_serve(driver, sock, model_name(model), concurrency, max_queue, max_tokens, verbose,
+                  api_key)
 
     _run(opts, body)
 

@@ -1,6 +1,8 @@
 """`serve` over a real 2-rank mpirun: the official openai client (stream and not) against one-shot
 output, 8 concurrent clients against the oracle, bad requests, a client that disconnects,
-overload, the chat page in headless Chromium, and Ctrl-C. One server for the whole module."""
+overload, the chat page in headless Chromium, and Ctrl-C. One server for the whole module,
+started with an API key (PIPELINE_API_KEY) that every request below sends, but those that test
+the 401s."""
 
 import http.client
 import json
@@ -28,23 +30,29 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 MARKER = b"--max-queue\x00" + str(MAX_QUEUE).encode()  # in this module's server command lines
+API_KEY = "sk-pipeline-test-0123"  # the module server's PIPELINE_API_KEY
 
 
 class Served:
-    def __init__(self, proc, url, model, err):
-        self.proc, self.url, self.model, self.err = proc, url, model, err
+    def __init__(self, proc, url, model, err, banner):
+        self.proc, self.url, self.model, self.err, self.banner = proc, url, model, err, banner
         self.host, self.port = url.removeprefix("http://").split(":")
+        self.auth = {"Authorization": f"Bearer {API_KEY}"}
 
-    def client(self):
+    def client(self, api_key=API_KEY):
         from openai import OpenAI
 
-        return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        return OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120)
 
-    def request(self, method, path, body=None, raw=None):
-        """(status, decoded JSON body) of one plain HTTP request."""
+    def request(self, method, path, body=None, raw=None, auth=None):
+        """(status, decoded JSON body) of one plain HTTP request; `auth`: the Authorization
+        header (default: the right key; "": none)."""
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json", **self.auth}
+        if auth is not None:
+            headers.pop("Authorization")
+            headers.update({"Authorization": auth} if auth else {})
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
                 return r.status, json.loads(r.read())
@@ -58,7 +66,7 @@ class Served:
         """A chat stream left open: (connection, response) once the headers are in."""
         conn = http.client.HTTPConnection(self.host, int(self.port), timeout=120)
         conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
-                     {"Content-Type": "application/json"})
+                     {"Content-Type": "application/json", **self.auth})
         return conn, conn.getresponse()
 
     def wait_idle(self, timeout=60):
@@ -93,21 +101,23 @@ def server(model_dir):
     proc = subprocess.Popen(
         pipeline_cmd(2, "serve", "--model", str(model), "--port", "0", "--concurrency",
                      str(CONCURRENCY), "--max-queue", str(MAX_QUEUE)),
-        env=mpi_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env={**mpi_env(), "PIPELINE_API_KEY": API_KEY}, cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
     lines, err = queue.Queue(), []
     threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout], daemon=True).start()
     threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
     url, deadline = None, time.monotonic() + 180
     while url is None and time.monotonic() < deadline and proc.poll() is None:
         try:
-            m = re.search(r"at (http://127\.0\.0\.1:\d+)/ ", lines.get(timeout=1))
+            banner = lines.get(timeout=1)
+            m = re.search(r"at (http://127\.0\.0\.1:\d+)/ ", banner)
             url = m and m.group(1)
         except queue.Empty:
             pass
     if url is None:
         proc.kill()
         pytest.fail("the server did not start:\n" + "".join(err))
-    yield Served(proc, url, model, err)
+    yield Served(proc, url, model, err, banner)
     if proc.poll() is None:
         proc.send_signal(signal.SIGUSR1)
         try:
@@ -305,6 +315,76 @@ def test_bad_requests_get_400_with_an_openai_error_body(server):
     assert server.request("GET", "/health")[0] == 200
 
 
+def test_without_the_api_key_every_route_but_the_page_gets_401(server):
+    import openai
+
+    assert "API key required" in server.banner and API_KEY not in server.banner
+    assert API_KEY not in "".join(server.err)
+    served = server.stats()["requests"]["served"]
+    for auth in ("", "Bearer not-the-key", f"Bearer {API_KEY}x", f"Basic {API_KEY}"):
+        for method, path, body in (("GET", "/v1/models", None), ("GET", "/stats", None),
+                                   ("POST", "/v1/chat/completions", {"messages": HI}),
+                                   ("POST", "/v1/completions", {"prompt": "hi"}),
+                                   ("GET", "/v1/nothing", None)):
+            status, got = server.request(method, path, body, auth=auth)
+            assert status == 401, (auth, path, got)
+            assert set(got) == {"error"} and got["error"]["message"], got
+            assert {k: got["error"][k] for k in ("type", "param", "code")} == {
+                "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
+            assert API_KEY not in got["error"]["message"]
+    for path in ("/", "/static/chat.js", "/health"):  # no secrets there
+        with urllib.request.urlopen(server.url + path, timeout=30) as r:
+            assert r.status == 200, path
+
+    wrong = server.client(api_key="not-the-key")
+    with pytest.raises(openai.AuthenticationError) as e:
+        wrong.chat.completions.create(model="m", messages=HI, max_tokens=4)
+    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+    assert e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.AuthenticationError):
+        list(wrong.completions.create(model="m", prompt="hi", max_tokens=4, stream=True))
+    assert server.stats()["requests"]["served"] == served  # nothing was generated
+
+
+def test_api_key_checks_without_mpi(monkeypatch):
+    """The key's rules, and that a server without a key stays open (the module's has one)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from pipeline.serve.http import make_app
+    from pipeline.serve.server import check_api_key
+
+    def get(app, path, auth=None):
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        headers = [(b"authorization", auth.encode())] if auth else []
+        asyncio.run(app({"type": "http", "method": "GET", "path": path, "raw_path": path.encode(),
+                         "query_string": b"", "root_path": "", "headers": headers,
+                         "scheme": "http", "server": ("127.0.0.1", 80)}, receive, send))
+        return sent[0]["status"]
+
+    state = SimpleNamespace(model="m", created=0, context=64, closing=False)
+    assert get(make_app(state), "/v1/models") == 200
+    keyed = make_app(state, "k")
+    assert (get(keyed, "/v1/models"), get(keyed, "/v1/models", "bearer k")) == (401, 200)
+    assert get(keyed, "/health") == 200
+
+    monkeypatch.delenv("PIPELINE_API_KEY", raising=False)
+    assert check_api_key(None) is None and check_api_key("sk-1") == "sk-1"
+    for bad in ("", "two words", "clé", "tab\t"):
+        with pytest.raises(ValueError):
+            check_api_key(bad)
+    monkeypatch.setenv("PIPELINE_API_KEY", "")  # click takes an empty variable as unset
+    with pytest.raises(ValueError, match="PIPELINE_API_KEY is set but empty"):
+        check_api_key(None)
+
+
 def test_client_disconnect_mid_stream_frees_its_slot(server, oracle):
     server.wait_idle()
     before = server.stats()["engine_tokens"]
@@ -363,13 +443,26 @@ def test_chat_page_in_headless_chromium_streams_an_answer(server, oracle, tmp_pa
         try:
             page = browser.new_page()
             page.goto(server.url + "/")
-            page.wait_for_function(
-                "document.getElementById('cluster').textContent.includes('2 ranks')")
-            assert "layers per rank 3 + 4" in page.text_content("#cluster")
-            assert page.text_content("#model") == server.model.name
+            page.wait_for_selector("#key-form:not([hidden])")  # /stats said 401: it asks
+            assert "needs an API key" in page.text_content("#key-message")
             page.fill("#temperature", "0")
             page.fill("#max-tokens", "24")
             page.fill("#prompt", PROMPT)
+            page.press("#prompt", "Enter")  # sent without a key: refused, the text comes back
+            page.wait_for_function(f"document.getElementById('prompt').value === {PROMPT!r}")
+            assert page.locator(".msg").count() == 0 and page.is_visible("#key-form")
+            page.fill("#api-key", "not-the-key")
+            page.press("#api-key", "Enter")
+            page.wait_for_function("!document.getElementById('key-form').hidden && "
+                                   "document.getElementById('key-message').textContent"
+                                   ".includes('refused')")
+            page.fill("#api-key", API_KEY)
+            page.press("#api-key", "Enter")
+            page.wait_for_function(
+                "document.getElementById('cluster').textContent.includes('2 ranks')")
+            assert page.is_hidden("#key-form")
+            assert "layers per rank 3 + 4" in page.text_content("#cluster")
+            assert page.text_content("#model") == server.model.name
             page.press("#prompt", "Enter")
             page.wait_for_selector(".msg.assistant[data-done='1']", timeout=60_000)
             answer = page.locator(".msg.assistant").last
@@ -378,6 +471,10 @@ def test_chat_page_in_headless_chromium_streams_an_answer(server, oracle, tmp_pa
             assert page.text_content(".msg.user") == PROMPT
             page.wait_for_function("document.getElementById('speed').textContent.includes('tok/s')")
             page.screenshot(path=str(tmp_path / "chat.png"))
+            page.reload()  # the key stays for this tab: no question this time
+            page.wait_for_function(
+                "document.getElementById('cluster').textContent.includes('2 ranks')")
+            assert page.is_hidden("#key-form")
         finally:
             browser.close()
 
@@ -414,6 +511,11 @@ def test_serve_flag_and_port_errors(model_dir):
     assert proc.returncode == 2, proc.stderr
     assert f"pipeline: error: cannot listen on 127.0.0.1:{port}" in proc.stderr
     assert "loading layers" not in proc.stderr  # refused before any rank loads the model
+    proc = run_pipeline(2, "serve", "--model", str(model_dir(ARCH)), "--api-key", "",
+                        "--verbose", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("pipeline: error: --api-key is empty") == 1, proc.stderr
+    assert "loading layers" not in proc.stderr
 
 
 def test_non_loopback_address_is_flagged():

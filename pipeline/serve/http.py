@@ -4,18 +4,21 @@ Requests become engine Sequences put on the Inbox; the main thread runs them and
 token back with loop.call_soon_threadsafe (Job.token / Job.done), and this side detokenizes,
 cuts at stop strings and writes JSON or server-sent events. A request that ends early (a stop
 string, a client that went away) sets `seq.cancelled`, and the engine drops it on every rank
-at its next step.
+at its next step. With serve --api-key, RequireKey answers 401 to any request without the key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request as HttpRequest
 from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
@@ -27,6 +30,7 @@ from pipeline.exec.sampling import SamplingParams
 
 STATIC = Path(__file__).parent / "static"
 FINISH = {"stop": "stop", "length": "length"}  # engine reasons -> OpenAI's; others: "stop"
+OPEN_PATHS = ("/", "/health")  # with a key, these and /static/ stay open (no secrets in them)
 
 
 class Job:
@@ -109,7 +113,43 @@ class JobStream(StreamingResponse):
 
 def _error(e: api.ApiError) -> JSONResponse:
     headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+    if e.status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+class RequireKey:
+    """ASGI middleware for serve --api-key: every route but the chat page, /static and /health
+    needs `Authorization: Bearer KEY`, as OpenAI's API does; otherwise 401 with its error body."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and not _open(scope["path"]):
+            problem = self.problem(Headers(scope=scope).get("authorization"))
+            if problem:
+                await _error(api.ApiError(401, problem, code="invalid_api_key"))(
+                    scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def problem(self, header: str | None) -> str | None:
+        """Why this Authorization header is refused (never echoing the key), or None."""
+        if not header:
+            return ("this server needs an API key: send the header 'Authorization: Bearer KEY' "
+                    "with the key given to serve (--api-key or PIPELINE_API_KEY)")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return "the Authorization header must be 'Bearer KEY'"
+        # constant time: how long the comparison takes says nothing about the key
+        if not hmac.compare_digest(token.strip().encode(), self.key):
+            return "incorrect API key"
+        return None
+
+
+def _open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith("/static/")
 
 
 def _sse(obj) -> str:
@@ -122,8 +162,9 @@ async def _disconnected(request: HttpRequest) -> None:
         pass
 
 
-def make_app(state) -> Starlette:
-    """The ASGI app over `state` (a serve.Server: tokenizer, limits, inbox, figures)."""
+def make_app(state, api_key: str | None = None) -> Starlette:
+    """The ASGI app over `state` (a serve.Server: tokenizer, limits, inbox, figures); with
+    `api_key`, requests need it as a Bearer token (see RequireKey)."""
 
     async def generate(request: HttpRequest, kind: str):
         try:
@@ -189,7 +230,9 @@ def make_app(state) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    middleware = [Middleware(RequireKey, key=api_key)] if api_key else []
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={HTTPException: http_error})
 
 
 async def _collect(job: Job) -> str:

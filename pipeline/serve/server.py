@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import signal
 import socket
 import sys
@@ -30,6 +31,7 @@ DEFAULT_PORT = 8080
 DEFAULT_CONCURRENCY = 8  # sequences generated at once
 DEFAULT_MAX_QUEUE = 32  # requests waiting beyond those; more get 429
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+API_KEY_ENV = "PIPELINE_API_KEY"  # the --api-key default (an argument would show in `ps`)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: launch/mpirun's Ctrl-C
 
 
@@ -203,6 +205,19 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_api_key(key: str | None) -> str | None:
+    """The key requests must carry (None: no key); a ValueError for one that cannot work."""
+    if key is None and os.environ.get(API_KEY_ENV) == "":  # click takes an empty one as unset
+        raise ValueError(f"{API_KEY_ENV} is set but empty: give it a key, or unset it")
+    if key is None:
+        return None
+    if not key:
+        raise ValueError("--api-key is empty: give a key (or leave the option out)")
+    if not all("!" <= c <= "~" for c in key):  # it travels in an HTTP header, after "Bearer "
+        raise ValueError("the API key must be printable ASCII without spaces")
+    return key
+
+
 def model_name(spec: str | None) -> str:
     if spec is None:
         return DEFAULT_MODEL_NAME
@@ -220,13 +235,14 @@ def _url(sock: socket.socket) -> tuple[str, bool]:
 
 
 def run_serve(driver: Driver, sock: socket.socket, model: str, concurrency: int, max_queue: int,
-              max_tokens: int, verbose: bool = False) -> None:
-    """Serve until SIGINT/SIGTERM (or launch/mpirun's SIGUSR1); then every rank ends cleanly."""
+              max_tokens: int, verbose: bool = False, api_key: str | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (or launch/mpirun's SIGUSR1); then every rank ends cleanly.
+    With `api_key`, every request but the page's files and /health needs it."""
     from pipeline.serve.http import make_app
 
     server = Server(driver, model, concurrency, max_queue, max_tokens)
     engine = Engine(driver, concurrency)
-    http = HttpThread(make_app(server), sock, server, verbose)
+    http = HttpThread(make_app(server, api_key), sock, server, verbose)
     server.refresh_ranks(driver)
     stop = threading.Event()
 
@@ -237,11 +253,13 @@ def run_serve(driver: Driver, sock: socket.socket, model: str, concurrency: int,
     previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     http.start()
     url, loopback = _url(sock)
-    print(f"pipeline: serving {model} at {url}/ (chat page) and {url}/v1 (OpenAI API); "
+    keyed = ", API key required" if api_key else ""
+    print(f"pipeline: serving {model} at {url}/ (chat page) and {url}/v1 (OpenAI API{keyed}); "
           f"Ctrl-C stops", flush=True)
-    if not loopback:
-        print(f"pipeline: warning: listening on {url}, reachable from other machines; the API "
-              f"has no authentication", file=sys.stderr, flush=True)
+    if not loopback and not api_key:
+        print(f"pipeline: warning: listening on {url}, reachable from other machines, with no "
+              f"API key: anyone who reaches it can use it; set {API_KEY_ENV} (or --api-key)",
+              file=sys.stderr, flush=True)
     try:
         while not stop.is_set():
             if not http.alive():

@@ -1,9 +1,32 @@
 // The chat page of `python -m pipeline serve`: streams /v1/chat/completions, shows /stats.
+// With serve --api-key every request but the page's own files needs the key: the first 401
+// (from /stats, fetched at load) shows a field for it, kept in this tab's sessionStorage.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const KEY = "pipeline-api-key";  // sessionStorage item: gone when the tab closes
 let history = [];  // the conversation sent with each request: {role, content}
 let controller = null;  // aborts the answer being streamed (the server then drops it)
+
+function askForKey(message) {
+  $("key-message").textContent = message;
+  $("key-form").hidden = false;
+  $("api-key").focus();
+}
+
+// fetch() with the key as a Bearer token when one was given; a 401 asks for the key (again).
+async function apiFetch(path, options = {}) {
+  const key = sessionStorage.getItem(KEY);
+  const headers = { ...(options.headers || {}) };
+  if (key) headers.Authorization = "Bearer " + key;
+  const r = await fetch(path, { ...options, headers });
+  if (r.status === 401) {
+    sessionStorage.removeItem(KEY);
+    askForKey(key ? "The API key was refused; enter it again." :
+      "This server needs an API key (serve --api-key).");
+  }
+  return r;
+}
 
 function addMessage(role, text) {
   const div = document.createElement("div");
@@ -24,7 +47,8 @@ const mib = (bytes) => (bytes / 2 ** 20).toFixed(1) + " MiB";
 async function refreshStats() {
   let s;
   try {
-    const r = await fetch("/stats");
+    const r = await apiFetch("/stats");
+    if (r.status === 401) $("cluster").textContent = "waiting for the API key";
     if (!r.ok) return;
     s = await r.json();
   } catch (e) {
@@ -74,7 +98,7 @@ async function* sseData(response) {
 
 async function send(text) {
   history.push({ role: "user", content: text });
-  addMessage("user", text);
+  const asked = addMessage("user", text);
   const div = addMessage("assistant", "");
   div.classList.add("streaming");
   div.dataset.chunks = "0";
@@ -82,7 +106,7 @@ async function send(text) {
   controller = new AbortController();
   let answer = "", first = null, usage = null;
   try {
-    const r = await fetch("/v1/chat/completions", {
+    const r = await apiFetch("/v1/chat/completions", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       signal: controller.signal,
@@ -91,6 +115,7 @@ async function send(text) {
         max_tokens: Number($("max-tokens").value), temperature: Number($("temperature").value),
       }),
     });
+    if (r.status === 401) throw Object.assign(new Error("API key needed"), { keyNeeded: true });
     if (!r.ok) {
       const err = await r.json().catch(() => ({}));
       throw new Error((err.error && err.error.message) || `${r.status} ${r.statusText}`);
@@ -120,6 +145,11 @@ async function send(text) {
     if (e.name === "AbortError") {
       history.push({ role: "assistant", content: answer });
       div.dataset.stopped = "1";
+    } else if (e.keyNeeded) {  // the key field is up: the message goes back, to resend
+      history.pop();
+      asked.remove();
+      div.remove();
+      if (!$("prompt").value) $("prompt").value = text;
     } else {
       history.pop();
       addMessage("error", e.message);
@@ -145,6 +175,15 @@ $("prompt").addEventListener("keydown", (e) => {
     e.preventDefault();
     $("composer").requestSubmit();
   }
+});
+$("key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const key = $("api-key").value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY, key);
+  $("api-key").value = "";
+  $("key-form").hidden = true;
+  refreshStats();  // tries the key at once: a wrong one brings the field back
 });
 $("stop").addEventListener("click", () => controller && controller.abort());
 $("reset").addEventListener("click", () => {
