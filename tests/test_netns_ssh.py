@@ -92,7 +92,7 @@ def test_ranks_start_through_sshd_with_single_process_tokens(model_dir, ssh_clus
               "--mca", "plm_rsh_agent", f"ssh -F {SSH_CONFIG}"]
 
     # passwordless, and the nodes' non-interactive shells do not find the venv's daemon themselves
-    assert ssh("pn2", "hostname").strip() == "pn2"
+    assert ssh("pn2", "hostname").splitlines()[-1] == "pn2"
     assert ssh("pn1", "command -v prted || echo none").splitlines()[-1] == "none", \
         "the nodes' shells find prted on their own (a PATH set in ~/.bashrc?): nothing left to prove"
 
