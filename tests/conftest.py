@@ -75,6 +75,16 @@ def reference_tokens(path: Path, prompt_ids: list[int], n: int, dequantize: bool
     return [int(tok) for tok, _ in steps]
 
 
+def launch_checkout(where: Path, venv: Path) -> Path:
+    """launch/mpirun as a checkout at `where` with `venv` as its .venv runs it (where/launch/mpirun
+    links to the real script, where/.venv to venv); returns the script's path there. The script
+    takes its mpirun and --prefix from the .venv beside it, which this checkout may lack."""
+    (where / "launch").mkdir(parents=True)
+    (where / "launch" / "mpirun").symlink_to(ROOT / "launch" / "mpirun")
+    (where / ".venv").symlink_to(venv, target_is_directory=True)
+    return where / "launch" / "mpirun"
+
+
 # A test that starts processes (mpirun, a pipeline subprocess, a server) is marked `slow`,
 # so that `pytest -m "not slow"` runs the in-process tests in about a minute. Decided from the
 # test's source: it names one of these, or takes a fixture that starts processes.
