@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import deque
 
-import mlx.core as mx
 import pytest
 
 from conftest import reference_tokens

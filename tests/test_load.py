@@ -5,7 +5,8 @@ import json
 import mlx.core as mx
 import pytest
 
-from pipeline.model.load import ModelError, layer_of, load_stage, read_config, resident_bytes, tensor_index
+from pipeline.model.load import layer_of, load_stage, read_config, resident_bytes, tensor_index
+from pipeline.model.spec import ModelError
 from pipeline.place.split import layer_ranges
 
 

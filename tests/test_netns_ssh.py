@@ -22,6 +22,8 @@ import pytest
 from conftest import BIN, ROOT, launch_checkout, run_json
 from test_netns import N_TOKENS, PROMPT, cluster, netns_env, netns_ok  # noqa: F401 (fixtures)
 
+pytestmark = pytest.mark.netns
+
 SSH_DIR = Path("/run/pipeline-netns/ssh")  # where `up --ssh` keeps keys, configs, pid files, logs
 SSH_CONFIG = SSH_DIR / "ssh_config"
 NODES = ["pn1", "pn2"]

@@ -1,6 +1,5 @@
 """The chat REPL on rank 0, driven through stdin under a real 2-rank mpirun."""
 
-import mlx.core as mx
 
 from conftest import run_pipeline
 from helpers import NullTokenizer

@@ -203,7 +203,7 @@ def run_batch(driver: Driver, prompts: Path, out: Path, defaults: Defaults, conc
           f"({generated / elapsed if elapsed else 0:.1f} tok/s), TTFT p50 "
           f"{_percentile(ttfts, 0.5):.3f} s p95 {_percentile(ttfts, 0.95):.3f} s", file=sys.stderr)
     if engine.interrupted:
-        print(f"pipeline: interrupted: rerun the same command to finish the rest", file=sys.stderr)
+        print("pipeline: interrupted: rerun the same command to finish the rest", file=sys.stderr)
         return EXIT_INTERRUPTED
     if problems:
         print(f"pipeline: error: {len(problems)} malformed line{'s' * (len(problems) > 1)} of "

@@ -22,7 +22,7 @@ from pathlib import Path
 from pipeline.exec import blas
 from pipeline.model import hugepages
 from pipeline.place.cluster import Capacity, CapacityError, gather_capacities, measure_hops
-from pipeline.model.load import hub_repo
+from pipeline.model.spec import hub_repo
 from pipeline.place.planner import fmt_bytes
 
 PACKAGES = ("mlx", "mlx-lm", "mpi4py", "numpy")

@@ -20,10 +20,11 @@ from pipeline.model.gguf import GGUFError
 from pipeline.exec.driver import Driver
 from pipeline.exec.worker import Worker
 from pipeline.wire.ring import Ring
-from pipeline.model.load import (ModelError, held_parameters, hub_repo, load_stage, read_config,
-                   resident_bytes, resolve_model)
+from pipeline.model.spec import ModelError, hub_repo, model_kind, resolve_model
+from pipeline.model.load import held_parameters, load_stage, read_config, resident_bytes
 from pipeline.place.cluster import CapacityError
-from pipeline.files.distribute import DistributeError, model_kind, prepare as prepare_files
+from pipeline.files.distribute import DistributeError
+from pipeline.files.prepare import prepare as prepare_files
 from pipeline.place.hostfile import HostfileError
 from pipeline.place.planner import DEFAULT_MEMORY_FRACTION
 from pipeline.place.split import SplitError, check_rank_count, layer_ranges

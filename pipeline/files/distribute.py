@@ -31,7 +31,8 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from pipeline.model.load import _META_PATTERNS, ModelError, hub_repo, tensor_index
+from pipeline.model.load import tensor_index
+from pipeline.model.spec import META_PATTERNS, ModelError, cache_root
 from pipeline.place.split import layer_ranges
 
 CHUNK = 16 * 2**20  # bytes per MPI message: large enough for full link speed, small in memory
@@ -55,22 +56,6 @@ class Entry:
     sha256: str
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("PIPELINE_CACHE") or "~/.cache/pipeline").expanduser()
-
-
-def model_kind(spec: str | None) -> str:
-    """Rank 0's reading of --model: folder, file (.gguf), hub (repo id) or default."""
-    if spec is None:
-        return "default"
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return "folder"
-    if path.is_file():
-        return "file"
-    return "hub" if hub_repo(spec) else "folder"
-
-
 # ---------------------------------------------------------------- which files, and their hashes
 
 
@@ -79,7 +64,7 @@ def wanted_files(folder: Path, split: list[int], head_share: bool = False) -> li
     head_share: the last rank also holds part of the head (the files of the norm and head)."""
     meta = sorted(p.name for p in folder.iterdir()
                   if p.is_file() and not p.name.startswith(".")
-                  and any(fnmatch.fnmatch(p.name, pat) for pat in _META_PATTERNS))
+                  and any(fnmatch.fnmatch(p.name, pat) for pat in META_PATTERNS))
     if (folder / "model.safetensors.index.json").is_file() or any(folder.glob("*.safetensors")):
         index = tensor_index(folder, sizes=False)
         last = len(split) - 1
@@ -193,7 +178,7 @@ def choose_folder(candidate: Path, manifest: list[Entry],
 # ---------------------------------------------------------------- transfer
 
 
-def _fmt_mib(n: float) -> str:
+def fmt_mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
@@ -213,7 +198,7 @@ class Progress:
         now = time.monotonic()
         if now - self.last >= (PROGRESS_EVERY_S if self.tty else 5 * PROGRESS_EVERY_S):
             self.last = now
-            line = (f"pipeline: {self.what}: {_fmt_mib(self.done)} of {_fmt_mib(self.total)} "
+            line = (f"pipeline: {self.what}: {fmt_mib(self.done)} of {fmt_mib(self.total)} "
                     f"({100 * self.done / max(self.total, 1):.0f}%), {self.rate() / 1e6:.0f} MB/s")
             print(("\r" + line) if self.tty else line, end="" if self.tty else "\n",
                   file=sys.stderr, flush=True)
@@ -221,7 +206,7 @@ class Progress:
     def finish(self, files: int, ranks: int) -> None:
         secs = time.monotonic() - self.start
         print(f"{chr(13) if self.tty else ''}pipeline: sent {files} file{'s' * (files != 1)} "
-              f"({_fmt_mib(self.done)}) to {ranks} rank{'s' * (ranks != 1)} in {secs:.1f} s "
+              f"({fmt_mib(self.done)}) to {ranks} rank{'s' * (ranks != 1)} in {secs:.1f} s "
               f"({self.rate() / 1e6:.0f} MB/s)", file=sys.stderr, flush=True)
 
 
@@ -385,7 +370,7 @@ def distribute(comm, path: Path | None, candidate: Path | None, wanted: list[lis
         for r in dsts:
             mine = [e for d, e in transfers if d == r]
             print(f"pipeline: sending {len(mine)} model file{'s' * (len(mine) != 1)} "
-                  f"({_fmt_mib(sum(e.size for e in mine))}) to rank {r} ({reports[r][0]}) under "
+                  f"({fmt_mib(sum(e.size for e in mine))}) to rank {r} ({reports[r][0]}) under "
                   f"{reports[r][1]}", file=sys.stderr, flush=True)
         progress = Progress(total, "sending model files")
         error = _send(comm, path, transfers, progress)
@@ -403,28 +388,3 @@ def distribute(comm, path: Path | None, candidate: Path | None, wanted: list[lis
     if message:
         raise DistributeError(message, EXIT_FAILURE)
     return path if rank == 0 else folder
-
-
-def prepare(comm, spec: str | None, kind: str, path: Path | None, split: list[int],
-            mode: bool | None, log, head_share: bool = False) -> Path:
-    """Collective, after the plan: make sure every rank holds verified copies of the files its
-    layers need, fetching (hub) or receiving them (from rank 0) when not. Returns the folder
-    this rank loads from. GGUF files and the embedded model are imported by each rank itself."""
-    if kind in ("default", "file"):
-        return path
-    rank = comm.Get_rank()
-    if kind == "hub":
-        from pipeline.files.hub import prepare_hub
-
-        return prepare_hub(comm, spec, path, split, mode, log, head_share)
-    wanted, error = None, None
-    if rank == 0:
-        try:
-            wanted = wanted_files(path, split, head_share)
-        except (OSError, ModelError) as e:
-            error = str(e)
-    error = comm.bcast(error, root=0)
-    if error:
-        raise DistributeError(error, EXIT_USAGE)
-    candidate = None if rank == 0 else Path(spec).expanduser()
-    return distribute(comm, path, candidate, wanted, mode, log)

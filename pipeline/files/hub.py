@@ -29,9 +29,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.files.distribute import (EXIT_FAILURE, EXIT_USAGE, DistributeError, _fmt_mib, cache_root,
+from pipeline.files.distribute import (EXIT_FAILURE, EXIT_USAGE, DistributeError, fmt_mib,
                          distribute, wanted_files)
-from pipeline.model.load import ModelError
+from pipeline.model.spec import ModelError, cache_root
 
 POLL_S = 0.5
 PRINT_EVERY_S = 2.0
@@ -92,7 +92,7 @@ def download_all(comm, repo: str, commit: str, names: list[str]) -> Path | None:
             now = time.monotonic()
             if moved and (finished or now - last >= PRINT_EVERY_S):
                 last = now
-                per_rank = ", ".join(f"rank {r} {f}/{n} files {_fmt_mib(b)}"
+                per_rank = ", ".join(f"rank {r} {f}/{n} files {fmt_mib(b)}"
                                      for r, (b, f, n, _) in enumerate(states) if n)
                 line = (f"pipeline: {'downloaded' if finished else 'downloading'} {repo}: "
                         f"{per_rank}, {moved / max(now - start, 1e-9) / 1e6:.0f} MB/s")

@@ -393,8 +393,9 @@ def default_gguf_path() -> Path:
 
 def cache_dir() -> Path:
     """Where imported GGUF models live: $PIPELINE_CACHE/models or ~/.cache/pipeline/models."""
-    root = os.environ.get("PIPELINE_CACHE") or "~/.cache/pipeline"
-    return Path(root).expanduser() / "models"
+    from pipeline.model.spec import cache_root
+
+    return cache_root() / "models"
 
 
 def cached_mlx_model(gguf_path: str | os.PathLike) -> Path:

@@ -21,80 +21,20 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.utils import _get_classes, dequantize_model
 
+from pipeline.model.spec import META_PATTERNS, ModelError, hub_snapshot
 from pipeline.model.stage import Stage, check_supported
 
 
-class ModelError(ValueError):
-    """A model that cannot be found, read or run; the message says what to do."""
 
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_META_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.jinja", "*.txt"]
 
 
 def layer_of(name: str) -> int | None:
     """Transformer block index of a tensor name, None for embedding/norm/head tensors."""
     m = _LAYER.search(name)
     return int(m.group(1)) if m else None
-
-
-def hub_repo(spec: str | None) -> str | None:
-    """`spec` if it names a Hugging Face repo (org/name) rather than a local path."""
-    if spec is None or Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
-        return None
-    return spec if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) else None
-
-
-def resolve_model(spec: str | None) -> Path:
-    """Local folder holding config.json for `spec` (see module docstring)."""
-    if spec is None:
-        from pipeline.model import gguf
-
-        return gguf.cached_mlx_model(gguf.default_gguf_path())
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        from pipeline.model import gguf
-
-        return gguf.cached_mlx_model(path)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ModelError(f"model '{spec}' is a file but not a GGUF file: give a model folder")
-    if hub_repo(spec):
-        return _hub_snapshot(spec)
-    raise ModelError(
-        f"model path '{spec}' does not exist: give a folder with config.json, "
-        f"a .gguf file, or a Hugging Face repo id (org/name)"
-    )
-
-
-def _hub_snapshot(repo: str, files: list[str] | None = None) -> Path:
-    """Config/tokenizer files of a hub repo (plus `files`), from the cache when possible."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    from tqdm import tqdm
-
-    class Quiet(tqdm):  # every rank fetches these small files: no bar per rank
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "disable": True})
-
-    patterns = files if files is not None else _META_PATTERNS
-    try:
-        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
-    except LocalEntryNotFoundError:
-        pass
-    try:
-        return Path(snapshot_download(repo, allow_patterns=patterns, tqdm_class=Quiet))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise ModelError(
-            f"Hugging Face repo '{repo}' is not in the local cache and the hub cannot be "
-            f"reached ({type(e).__name__}): download it where there is network "
-            f"(hf download {repo}) or pass a local folder"
-        ) from None
 
 
 def read_config(path: Path) -> dict:
@@ -113,7 +53,7 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def _safetensors_header(file: Path) -> dict:
+def safetensors_header(file: Path) -> dict:
     """The tensor table of a safetensors file, checked against the file's size (a truncated
     or corrupted file is named here, before any rank loads it)."""
     try:
@@ -185,11 +125,11 @@ def tensor_index(path: Path, repo: str | None = None, sizes: bool = True) -> Ten
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
         if not files and repo is not None:  # single-file repo: its one file is everyone's
-            path = _hub_snapshot(repo, [*_META_PATTERNS, "*.safetensors"])
+            path = hub_snapshot(repo, [*META_PATTERNS, "*.safetensors"])
             files = sorted(p.name for p in path.glob("*.safetensors"))
         if not files:
             raise ModelError(f"no .safetensors weights in '{path}'")
-        file_of = {n: f for f in files for n in _safetensors_header(path / f)}
+        file_of = {n: f for f in files for n in safetensors_header(path / f)}
     nbytes = {}
     for f in sorted(set(file_of.values())) if sizes else []:
         local = path / f
@@ -197,7 +137,7 @@ def tensor_index(path: Path, repo: str | None = None, sizes: bool = True) -> Ten
             # The index alone does not say sizes; a missing shard is fetched (or sent by
             # rank 0) before it is loaded, and loading reports one that is still missing.
             continue
-        for n, info in _safetensors_header(local).items():
+        for n, info in safetensors_header(local).items():
             s, e = info["data_offsets"]
             nbytes[n] = e - s
     for n in file_of:
@@ -236,10 +176,10 @@ def load_stage(path: Path, config: dict, layer_range: tuple[int, int], with_head
     for n in names:
         by_file.setdefault(index.file_of[n], []).append(n)
     if repo is not None:
-        path = _hub_snapshot(repo, [*_META_PATTERNS, *by_file])
+        path = hub_snapshot(repo, [*META_PATTERNS, *by_file])
     weights = {}
     for f, wanted in by_file.items():
-        _safetensors_header(path / f)  # names a truncated or corrupted file before loading it
+        safetensors_header(path / f)  # names a truncated or corrupted file before loading it
         try:
             tensors = mx.load(str(path / f))  # lazy: data is read only when evaluated
         except (RuntimeError, ValueError, OSError) as e:

@@ -21,6 +21,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.model.spec import cache_root
+
 PROBE_SECONDS = 0.3
 PROBE_BYTES_CPU = 128 * 2**20  # well past the last-level cache
 PROBE_BYTES_GPU = 256 * 2**20  # x PROBE_GPU_BATCH products per timed evaluation
@@ -106,7 +108,7 @@ def memory() -> tuple[int, int | None]:
 def _model_dir(model_path: str | Path | None) -> Path:
     """Where the model lives (or would): the nearest existing folder."""
     if model_path is None:
-        return Path(os.environ.get("PIPELINE_CACHE", Path.home() / ".cache" / "pipeline"))
+        return cache_root()
     path = Path(model_path).expanduser()
     if not path.exists() and not str(model_path).startswith((".", "/", "~")):
         path = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))

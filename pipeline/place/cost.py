@@ -17,7 +17,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.utils import _get_classes
 
-from pipeline.model.load import ModelError, _safetensors_header, layer_of, tensor_index
+from pipeline.model.load import layer_of, safetensors_header, tensor_index
+from pipeline.model.spec import ModelError
 from pipeline.place.planner import DEFAULT_MAX_CONTEXT, ModelCost
 
 ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -133,7 +134,7 @@ def _checkpoint_cost(path: Path, config: dict, dtype: str | None) -> ModelCost |
     headers = {}
     for f in sorted(set(index.file_of.values())):
         if (path / f).exists():
-            headers.update(_safetensors_header(path / f))
+            headers.update(safetensors_header(path / f))
     if set(index.file_of) - set(headers):
         return None  # shards not downloaded yet: sizes unknown
     held = config_dtype(config)

@@ -20,7 +20,8 @@ from pathlib import Path
 from pipeline.place.cluster import Capacity, CapacityError, gather_capacities, measure_capacity, measure_hops
 from pipeline.place.hostfile import HostEntry, HostfileError, read_hostfile, rank_entries
 from pipeline.model.gguf import GGUFError
-from pipeline.model.load import ModelError, read_config, resolve_model
+from pipeline.model.load import read_config
+from pipeline.model.spec import ModelError, resolve_model
 from pipeline.place.cost import config_cost, default_max_context, model_cost, quantized_alternatives
 from pipeline.place.planner import (DEFAULT_MEMORY_FRACTION, HEADROOM_BYTES, ModelCost, Node, Plan,
                         PlanError, check_split, fmt_bytes, hop_seconds, plan_layers)

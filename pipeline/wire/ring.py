@@ -10,7 +10,6 @@ another stage is waiting to send.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 from mpi4py import MPI
