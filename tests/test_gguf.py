@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from pipeline import gguf as pg
+from pipeline.model import gguf as pg
 
 gg = pytest.importorskip("gguf")  # reference reader/writer, a test-only dependency
 from gguf.quants import dequantize, quantize  # noqa: E402

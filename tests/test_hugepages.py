@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from pipeline import hugepages
+from pipeline.model import hugepages
 
 MiB = 2**20
 

@@ -12,7 +12,7 @@ from mlx_lm import load
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import _get_classes
 
-from pipeline.make_model import PRESETS, make_model, preset_config
+from pipeline.model.make_model import PRESETS, make_model, preset_config
 
 TINY = sorted(p for p in PRESETS if p.startswith("tiny-"))
 PROMPT = [{"role": "user", "content": "Tell me about the river."}]
@@ -147,7 +147,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 def test_same_bytes_in_another_process(tmp_path):
     # Hash seeds and thread pools differ between processes (tokenizer training included).
     make_model("tiny-qwen3", tmp_path / "here", seed=1)
-    code = ("import sys; from pipeline.make_model import make_model; "
+    code = ("import sys; from pipeline.model.make_model import make_model; "
             "make_model('tiny-qwen3', sys.argv[1], seed=1)")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "there")], check=True,
                    cwd=Path(__file__).resolve().parent.parent)

@@ -5,15 +5,15 @@ import random
 
 import pytest
 
-from pipeline.cluster import Capacity, parse_vm_stat, ring_hops
-from pipeline.hostfile import (HostfileError, parse_bandwidth, parse_hostfile_text, parse_size,
-                               rank_entries, read_hostfile)
-from pipeline.model_cost import config_cost, default_max_context, model_cost, quantized_alternatives
-from pipeline.load import read_config
-from pipeline.placement import (HEADROOM_BYTES, GiB, ModelCost, Node, PlanError, check_split,
-                                describe_split, plan_layers)
-from pipeline.plan import SplitError
-from pipeline.plan_cmd import nodes_from_capacities, nodes_from_hostfile
+from pipeline.place.cluster import Capacity, parse_vm_stat, ring_hops
+from pipeline.place.hostfile import (HostfileError, parse_bandwidth, parse_hostfile_text,
+                                     parse_size, rank_entries, read_hostfile)
+from pipeline.place.cost import config_cost, default_max_context, model_cost, quantized_alternatives
+from pipeline.model.load import read_config
+from pipeline.place.planner import (HEADROOM_BYTES, GiB, ModelCost, Node, PlanError,
+                                    check_split, describe_split, plan_layers)
+from pipeline.place.split import SplitError
+from pipeline.place.preflight import nodes_from_capacities, nodes_from_hostfile
 
 from conftest import ARCHS, ROOT
 
@@ -131,7 +131,7 @@ def test_head_counts_on_rank_zero_once(cost_70b, tied):
 
 def test_untied_head_moves_layers_off_rank_zero():
     # Llama-3.2-1B: the 128256 x 2048 embedding weighs about 4 of its 16 layers
-    from pipeline.make_model import preset_config
+    from pipeline.model.make_model import preset_config
 
     config = preset_config("llama-3.2-1b")
     tied = config_cost(config)

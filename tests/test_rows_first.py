@@ -11,9 +11,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from pipeline.blas import find_openblas
-from pipeline.engine import greedy_rows, logprobs_of
-from pipeline.stage import ROWS_FIRST_MAX_ROWS, RowsFirstLinear
+from pipeline.exec.blas import find_openblas
+from pipeline.exec.engine import greedy_rows, logprobs_of
+from pipeline.model.stage import ROWS_FIRST_MAX_ROWS, RowsFirstLinear
 
 from conftest import ROOT
 

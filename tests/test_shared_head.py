@@ -7,9 +7,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from pipeline.engine import HeadSplit, combine_tops, greedy_rows
-from pipeline.load import load_stage, read_config, resident_bytes
-from pipeline.stage import near_tie_tolerance, top_summary, use_rows_first
+from pipeline.exec.engine import HeadSplit, combine_tops, greedy_rows
+from pipeline.model.load import load_stage, read_config, resident_bytes
+from pipeline.model.stage import near_tie_tolerance, top_summary, use_rows_first
 
 from conftest import run_pipeline
 
@@ -49,7 +49,7 @@ def test_head_rows_are_bitwise_columns_of_the_whole_head(model_dir, arch, quanti
 def test_head_in_pieces_equals_the_whole_head(model_dir, monkeypatch, arch, quantize):
     """With a `between` callback (the ring's progress) the head runs HEAD_PIECE_ROWS rows of
     the vocabulary at a time, calling it after each piece: same logits, bit for bit."""
-    import pipeline.stage
+    import pipeline.model.stage
 
     path = model_dir(arch, **({"quantize_bits": quantize} if quantize else {}))
     config = read_config(path)
@@ -58,7 +58,7 @@ def test_head_in_pieces_equals_the_whole_head(model_dir, monkeypatch, arch, quan
     vocab = first.head.weight.shape[0]
     last = load_stage(path, config, (layers - 1, layers), with_head=False,
                       head_share_rows=vocab // 2)
-    monkeypatch.setattr(pipeline.stage, "HEAD_PIECE_ROWS", 96)
+    monkeypatch.setattr(pipeline.model.stage, "HEAD_PIECE_ROWS", 96)
     for rows_first in (False, True):
         if rows_first:
             use_rows_first(first), use_rows_first(last)
