@@ -10,6 +10,7 @@ import pytest
 from pipeline.model import hugepages
 
 MiB = 2**20
+pytestmark = pytest.mark.usefixtures("on_cpu")  # values and products compared bit for bit
 
 
 def _kernel_at_least(major: int, minor: int) -> bool:
