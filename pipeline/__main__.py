@@ -388,14 +388,19 @@ def plan_cmd(
 @app.command("doctor")
 def doctor_cmd(
     model: Optional[str] = typer.Option(
-        None, "--model", "-m", help="Also check this model's files on every rank."),
+        None, "--model", "-m", help="Also check this model's files on every rank, and each "
+        "rank's planned share of its weights against a Mac's GPU wired limit."),
+    hostfile: Optional[str] = typer.Option(
+        None, "--hostfile", help="The hostfile mpirun was given: the hosts each hop's route "
+        "is checked to, and their `# pipeline: iface=bridge0`."),
 ):
-    """Check every rank (under mpirun): versions, device, BLAS, memory, model files, links."""
+    """Check every rank (under mpirun): versions, device, BLAS, memory, model files, links
+    and the interface each one takes."""
     from mpi4py import MPI
 
     from pipeline.commands.doctor import run_doctor
 
-    raise typer.Exit(run_doctor(model, MPI.COMM_WORLD))
+    raise typer.Exit(run_doctor(model, MPI.COMM_WORLD, hostfile=hostfile))
 
 
 def main_entry() -> None:
