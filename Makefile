@@ -15,12 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	@py="$(if $(wildcard $(PY)),$(PY),$(PYTHON))"; \
 	found=$$("$$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null); \
 	case "$$found" in 3.1[0-9]|3.[2-9][0-9]|[4-9].*) exit 0;; esac; \
-	if [ "$$(uname -s)" = Darwin ]; then hint="brew install python@3.12, then"; \
-	else hint="install Python 3.10 or newer (e.g. python3.12 from your distribution), then"; fi; \
-	if [ -z "$$found" ]; then echo "pipeline needs Python >= 3.10 (no $$py found): $$hint make install PYTHON=python3.12" >&2; \
-	elif [ "$$py" = "$(PY)" ]; then echo "pipeline needs Python >= 3.10 ($(VENV) was made with $$found): rm -rf $(VENV), then make install PYTHON=python3.12" >&2; \
-	else echo "pipeline needs Python >= 3.10 (found $$found at $$(command -v "$$py")): $$hint make install PYTHON=python3.12" >&2; fi; \
-	exit 1
+	again="make install PYTHON=python3.12"; \
+	if [ "$$(uname -s)" = Darwin ]; then fix="brew install python@3.12, then $$again"; \
+	else fix="install Python 3.10 or newer (e.g. python3.12 from your distribution), then $$again"; fi; \
+	if [ -z "$$found" ]; then why="no $$py found"; \
+	elif [ "$$py" = "$(PY)" ]; then why="$(VENV) was made with $$found"; fix="rm -rf $(VENV), then $$again"; \
+	else why="found $$found at $$(command -v "$$py")"; fi; \
+	echo "pipeline needs Python >= 3.10 ($$why): $$fix" >&2; exit 1
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@if [ "$$(uname -s)" = Linux ] && [ ! -e $(OPENBLAS) ] && command -v apt-get >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
