@@ -4,7 +4,7 @@ MLX wires nothing by default; mlx-lm raises MLX's wired limit to the device's re
 working set while it generates (generate.py `wired_limit`) and warns when the model is over
 90% of that size. A rank here does the same once its stage is loaded, for the whole job
 (`set_wired_limit`). macOS itself caps wired GPU memory with the `iogpu.wired_limit_mb` sysctl
-(0: its default, about 3/4 of memory; the recommended working set follows it), which
+(0: its default, e.g. 107.5 GiB of 128; the recommended working set follows it), which
 `doctor` reads on each Mac and compares with the rank's planned share of the weights. The
 decisions are pure functions over numbers and command output, tested on Linux.
 """
