@@ -1,4 +1,6 @@
 # make install | make run | make test   (see README.md)
+# PYTHON: the interpreter the venv is made from (pyproject wants >= 3.10; macOS's own is 3.9)
+PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 NP ?= 2
@@ -8,8 +10,19 @@ OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 
 install: $(VENV)/.installed
 
+# The Python check comes first: an old python3 would make a venv pip cannot install into.
 $(VENV)/.installed: pyproject.toml
-	@test -x $(PY) || python3 -m venv $(VENV)
+	@py="$(if $(wildcard $(PY)),$(PY),$(PYTHON))"; \
+	found=$$("$$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null); \
+	case "$$found" in 3.1[0-9]|3.[2-9][0-9]|[4-9].*) exit 0;; esac; \
+	again="make install PYTHON=python3.12"; \
+	if [ "$$(uname -s)" = Darwin ]; then fix="brew install python@3.12, then $$again"; \
+	else fix="install Python 3.10 or newer (e.g. python3.12 from your distribution), then $$again"; fi; \
+	if [ -z "$$found" ]; then why="no $$py found"; \
+	elif [ "$$py" = "$(PY)" ]; then why="$(VENV) was made with $$found"; fix="rm -rf $(VENV), then $$again"; \
+	else why="found $$found at $$(command -v "$$py")"; fi; \
+	echo "pipeline needs Python >= 3.10 ($$why): $$fix" >&2; exit 1
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@if [ "$$(uname -s)" = Linux ] && [ ! -e $(OPENBLAS) ] && command -v apt-get >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) || echo "warning: could not install OpenBLAS"; \

@@ -37,12 +37,29 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
+MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
+
+
 def _rank() -> int:
     # Before MPI starts: the launcher's environment says which rank this is.
-    for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"):
+    for var in MPI_RANK_VARS:
         if var in os.environ:
             return int(os.environ[var])
     return 0
+
+
+def _refuse_mlx_launch() -> None:
+    """MLX's own launcher (`mlx.launch`, ring or JACCL backend) sets MLX_RANK but starts no
+    MPI job: every process would run alone, each believing it is rank 0 of one. Say so once
+    (MLX's rank 0) and exit 2 on every rank, before anything loads."""
+    if "MLX_RANK" not in os.environ or any(v in os.environ for v in MPI_RANK_VARS):
+        return
+    if os.environ["MLX_RANK"] == "0":
+        print("pipeline: error: started by mlx.launch (MLX_RANK is set, no Open MPI job): "
+              "pipeline's ranks talk over MPI; start it with launch/mpirun -hostfile HOSTFILE "
+              ".venv/bin/python -m pipeline (or mpirun -np N python -m pipeline)",
+              file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -377,17 +394,23 @@ def plan_cmd(
 @app.command("doctor")
 def doctor_cmd(
     model: Optional[str] = typer.Option(
-        None, "--model", "-m", help="Also check this model's files on every rank."),
+        None, "--model", "-m", help="Also check this model's files on every rank, and each "
+        "rank's planned share of its weights against a Mac's GPU wired limit."),
+    hostfile: Optional[str] = typer.Option(
+        None, "--hostfile", help="The hostfile mpirun was given: the hosts each hop's route "
+        "is checked to, and their `# pipeline: iface=bridge0`."),
 ):
-    """Check every rank (under mpirun): versions, device, BLAS, memory, model files, links."""
+    """Check every rank (under mpirun): versions, device, BLAS, memory, model files, links
+    and the interface each one takes."""
     from mpi4py import MPI
 
     from pipeline.commands.doctor import run_doctor
 
-    raise typer.Exit(run_doctor(model, MPI.COMM_WORLD))
+    raise typer.Exit(run_doctor(model, MPI.COMM_WORLD, hostfile=hostfile))
 
 
 def main_entry() -> None:
+    _refuse_mlx_launch()
     app(prog_name="pipeline")
 
 

@@ -60,6 +60,16 @@ def model_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def on_cpu():
+    """The test's MLX products run on the CPU. Bit-for-bit claims are about the CPU kernels
+    (OpenBLAS, Accelerate); on a Mac the default device is the GPU, whose kernels differ."""
+    import mlx.core as mx
+
+    with mx.stream(mx.cpu):
+        yield
+
+
 def reference_tokens(path: Path, prompt_ids: list[int], n: int, dequantize: bool = False) -> list[int]:
     """The oracle: greedy tokens of single-process mlx-lm on the same model and prompt."""
     import mlx.core as mx

@@ -94,12 +94,39 @@ def test_bench_from_json_errors(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-def _bench_links():
-    loader = importlib.machinery.SourceFileLoader("bench_links", str(ROOT / "launch" / "bench-links"))
-    spec = importlib.util.spec_from_loader("bench_links", loader)
+def _launch_script(name: str):
+    """A launch/ script (no .py suffix) imported as a module."""
+    loader = importlib.machinery.SourceFileLoader(name.replace("-", "_"),
+                                                  str(ROOT / "launch" / name))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module
+
+
+def _bench_links():
+    return _launch_script("bench-links")
+
+
+def test_bench_compare_commands_on_linux_and_macos(monkeypatch):
+    """macOS has no taskset and Open MPI cannot bind there; its libmpi is a .dylib."""
+    bc = _launch_script("bench-compare")
+    monkeypatch.setattr(bc.shutil, "which", lambda name: f"/usr/bin/{name}")
+    linux = bc.mpirun(2, "python", "-m", "pipeline", platform="linux")
+    assert linux[linux.index("--bind-to") + 1] == "core" and "LD_PRELOAD" in linux
+    assert linux[-3:] == ["python", "-m", "pipeline"]
+    assert bc.pin_one_core("linux") == ["taskset", "-c", "0"]
+    assert bc.env("linux")["MLX_MPI_LIBNAME"].endswith("/.venv/lib/libmpi.so.40")
+
+    mac = bc.mpirun(2, "python", "-m", "pipeline", platform="darwin")
+    assert mac[mac.index("--bind-to") + 1] == "none" and "core" not in mac
+    assert "LD_PRELOAD" not in mac and mac[-3:] == ["python", "-m", "pipeline"]
+    assert bc.pin_one_core("darwin") == []
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    mac_env = bc.env("darwin")
+    assert mac_env["MLX_MPI_LIBNAME"].endswith("/.venv/lib/libmpi.40.dylib")
+    assert "LD_PRELOAD" not in mac_env
+    assert bc.per_rank("darwin") != bc.per_rank("linux") == "1 core per rank"
 
 
 def test_bench_links_table(smoke, tmp_path):

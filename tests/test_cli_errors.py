@@ -1,10 +1,11 @@
 """Bad input: one clear line on stderr, a non-zero exit, and no rank left hanging (real mpirun)."""
 
 import json
+import subprocess
 
 import pytest
 
-from conftest import run_pipeline
+from conftest import ROOT, mpi_env, pipeline_cmd, run_pipeline
 
 
 def assert_clean_failure(proc, *needles):
@@ -131,3 +132,29 @@ def test_config_json_missing_or_invalid(model_dir, tmp_path, damage, needle):
         (path / "config.json").write_text('{"model_type": "llama",\n')
     proc = run_pipeline(2, "--model", str(path), "--prompt", "hi", timeout=60)
     assert_clean_failure(proc, str(path), needle)
+
+
+MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
+
+
+@pytest.mark.parametrize("mlx_rank, says", [("0", True), ("1", False)])
+def test_mlx_launch_is_refused(mlx_rank, says):
+    """What mlx.launch (ring/JACCL) gives each process: MLX_RANK and no Open MPI job."""
+    env = {k: v for k, v in mpi_env().items() if k not in MPI_RANK_VARS}
+    env.update(MLX_RANK=mlx_rank, MLX_WORLD_SIZE="2")
+    proc = subprocess.run(pipeline_cmd(0, "--prompt", "hi"), capture_output=True, text=True,
+                          timeout=60, env=env, cwd=ROOT)
+    assert proc.returncode == 2
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("pipeline: error:")]
+    if says:  # MLX's rank 0 says why, once; the others only exit
+        assert errors == [l for l in proc.stderr.splitlines() if l.strip()]
+        assert "started by mlx.launch" in errors[0] and "launch/mpirun" in errors[0]
+    else:
+        assert errors == [] and "Traceback" not in proc.stderr
+
+
+def test_mlx_rank_under_mpirun_is_not_refused():
+    env = dict(mpi_env(), MLX_RANK="0")
+    proc = subprocess.run(pipeline_cmd(1, "--help"), capture_output=True, text=True, timeout=60,
+                          env=env, cwd=ROOT)
+    assert proc.returncode == 0 and "mlx.launch" not in proc.stderr, proc.stderr

@@ -109,3 +109,74 @@ def test_huge_pages_off_is_a_warning_not_a_problem():
     assert "echo madvise > /sys/kernel/mm/transparent_hugepage/enabled" in warnings[0]
     for mode in ("madvise", "always", None):
         assert find_problems([report(mode)], None, None) == ([], [])
+
+
+def _gpu(rank, host, total, recommended):
+    from pipeline.place.cluster import Capacity
+
+    return Capacity(rank, host, total, None, "gpu", "Apple M4 Max", recommended, 546e9, None,
+                    "/")
+
+
+def test_weights_over_a_macs_wired_limit_are_a_warning():
+    """A Mac rank planned to hold more than its GPU wired limit: a warning with the sysctl."""
+    from pipeline.commands.doctor import RankReport, find_problems
+
+    GiB = 2**30
+    reports = [RankReport(r, f"mac{r}", "3.12", {}, "Open MPI", "gpu (Metal)", "Accelerate",
+                          False, wired_limit_mb=limit) for r, limit in enumerate((0, 122880))]
+    caps = [_gpu(0, "mac0", 128 * GiB, 96 * GiB), _gpu(1, "mac1", 128 * GiB, 120 * GiB)]
+    problems, warnings = find_problems(reports, caps, None, planned=[100 * GiB, 100 * GiB])
+    assert problems == [] and len(warnings) == 1
+    assert warnings[0].startswith("rank 0 (mac0): its planned weights (100 GiB) are over 90% of "
+                                  "the GPU wired limit (96 GiB, macOS's default, "
+                                  "iogpu.wired_limit_mb=0)")
+    assert "sudo sysctl iogpu.wired_limit_mb=114688" in warnings[0]
+    # without a plan (no --model) or on a CPU: nothing to compare
+    assert find_problems(reports, caps, None) == ([], [])
+
+
+def test_a_hop_off_the_hostfiles_interface_is_a_warning():
+    from pipeline.commands.doctor import RankReport, find_problems
+    from pipeline.place.hostfile import parse_hostfile_text, rank_entries
+    from pipeline.place.routes import HopRoute
+
+    hosts = rank_entries(parse_hostfile_text(
+        "192.168.1.1 slots=1 # pipeline: iface=bridge0\n"
+        "192.168.1.20 slots=1 # pipeline: iface=bridge0\n", "tb"))
+    reports = [RankReport(r, f"mac{r}", "3.12", {}, "Open MPI", "gpu (Metal)", "Accelerate",
+                          False) for r in range(2)]
+    reports[0].route = HopRoute(0, 1, "192.168.1.20", "192.168.1.20", "en0", "Wi-Fi", True)
+    reports[1].route = HopRoute(1, 0, "192.168.1.1", "192.168.1.1", "bridge0",
+                                "Thunderbolt Bridge")
+    problems, warnings = find_problems(reports, None, None, hosts=hosts)
+    assert problems == [] and warnings == [
+        "link 0 -> 1: the route to 192.168.1.20 goes over en0 (Wi-Fi), but the hostfile says "
+        "iface=bridge0 (line 2): is another interface on the same subnet? give the link a "
+        "subnet of its own"]
+
+
+def test_hostfile_that_does_not_match_the_job(model_dir, tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=1   # pipeline: iface=bridge0\n")
+    proc = run_pipeline(2, "doctor", "--hostfile", str(hostfile), timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"{hostfile} has 1 slots but the job has 2 ranks" in proc.stdout
+    link = next(line for line in proc.stdout.splitlines() if line.startswith("0 -> 1"))
+    assert link.rstrip().endswith("same host")  # both ranks here: shared memory, no route
+
+
+def test_planned_weights_as_a_run_would_place_them(model_dir):
+    from pipeline.commands.doctor import planned_weights
+    from pipeline.place.cluster import Capacity
+
+    path = model_dir("tiny-llama")
+    caps = [Capacity(r, f"h{r}", 2**30, None, "cpu", "x", None, 1e9, None, "/")
+            for r in range(2)]
+    weights, error = planned_weights(str(path), caps, None)
+    assert error is None and len(weights) == 2 and min(weights) > 0
+    tiny = [Capacity(r, f"h{r}", 2**20, None, "cpu", "x", None, 1e9, None, "/")
+            for r in range(2)]
+    weights, error = planned_weights(str(path), tiny, None)
+    assert weights is None and error.startswith("a run would not start: ")
+    assert planned_weights(None, caps, None) == (None, None)  # no --model: no plan

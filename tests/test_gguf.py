@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from pipeline import gguf as pg
+from pipeline.model import gguf as pg
 
 gg = pytest.importorskip("gguf")  # reference reader/writer, a test-only dependency
 from gguf.quants import dequantize, quantize  # noqa: E402
@@ -81,6 +81,7 @@ def test_default_model_config(smol):
     ("blk.5.ffn_down.weight", "model.layers.5.mlp.down_proj", 4, None),
     ("token_embd.weight", "model.embed_tokens", 8, None),
 ])
+@pytest.mark.usefixtures("on_cpu")  # mx.dequantize compared bit for bit
 def test_default_weights_match_reference_dequantizer(smol_reader, smol, gguf_name, module, bits, heads):
     t = next(t for t in smol_reader.tensors if t.name == gguf_name)
     ref = dequantize(np.array(t.data), t.tensor_type).astype(np.float32)
@@ -227,6 +228,7 @@ def write_tiny_gguf(path, arch="llama", types=TINY_TYPES, rope_freqs=None):
 BITS = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q8_0: 8}
 
 
+@pytest.mark.usefixtures("on_cpu")
 def test_synthetic_weights_equal_source(tmp_path):
     src = tmp_path / "tiny.gguf"
     expected = write_tiny_gguf(src)

@@ -7,9 +7,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from pipeline import hugepages
+from pipeline.model import hugepages
 
 MiB = 2**20
+pytestmark = pytest.mark.usefixtures("on_cpu")  # values and products compared bit for bit
 
 
 def _kernel_at_least(major: int, minor: int) -> bool:

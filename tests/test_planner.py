@@ -6,14 +6,14 @@ import random
 import pytest
 
 from pipeline.place.cluster import Capacity, parse_vm_stat, ring_hops
-from pipeline.place.hostfile import (HostfileError, parse_bandwidth, parse_hostfile_text, parse_size,
-                               rank_entries, read_hostfile)
+from pipeline.place.hostfile import (HostfileError, parse_bandwidth, parse_hostfile_text,
+                                     parse_size, rank_entries, read_hostfile)
 from pipeline.place.cost import config_cost, default_max_context, model_cost, quantized_alternatives
 from pipeline.model.load import read_config
-from pipeline.place.planner import (HEADROOM_BYTES, GiB, ModelCost, Node, PlanError, check_split,
-                                describe_split, plan_layers)
+from pipeline.place.planner import (HEADROOM_BYTES, GiB, ModelCost, Node, PlanError,
+                                    check_split, describe_split, plan_layers)
 from pipeline.place.split import SplitError
-from pipeline.place.preflight import nodes_from_capacities, nodes_from_hostfile
+from pipeline.place.preflight import nodes_from_capacities, nodes_from_hostfile, planning_memory
 
 from conftest import ARCHS, ROOT
 
@@ -387,8 +387,37 @@ def test_nodes_from_hostfile_share_a_line_between_its_slots():
         nodes_from_hostfile(parse_hostfile_text("a slots=1", "H"), "H")
 
 
-def capacity(rank, host, total, bw, local_ranks=1):
-    return Capacity(rank, host, total, None, "cpu", "x", None, bw, None, "/", local_ranks)
+def capacity(rank, host, total, bw, local_ranks=1, available=None):
+    return Capacity(rank, host, total, available, "cpu", "x", None, bw, None, "/", local_ranks)
+
+
+@pytest.mark.parametrize("total, available, local_ranks, first, expected", [
+    (64, 40, 1, True, 40),     # the Mac you type on: what is free now
+    (64, 40, 1, False, 64),    # another host runs only its ranks: its total
+    (64, 80, 1, True, 64),     # never more than the total
+    (64, None, 1, True, 64),   # available unknown: the total
+    (64, 40, 2, True, 20),     # two ranks on rank 0's host share what is free
+    (64, 40, 2, False, 32),
+])
+def test_planning_memory(total, available, local_ranks, first, expected):
+    cap = capacity(0, "h", total * GiB, None, local_ranks,
+                   None if available is None else available * GiB)
+    assert planning_memory(cap, first) == expected * GiB
+
+
+def test_rank_zero_is_planned_with_its_available_memory():
+    """A 64 GiB Mac with 24 GiB free next to two idle 64 GiB Macs: rank 0 gets fewer layers
+    than on total memory, and the others are planned with their totals."""
+    caps = [capacity(0, "laptop", 64 * GiB, 273e9, available=24 * GiB),
+            capacity(1, "mini", 64 * GiB, 273e9, available=20 * GiB),
+            capacity(2, "studio", 64 * GiB, 273e9, available=60 * GiB)]
+    nodes = nodes_from_capacities(caps)
+    assert [n.memory_bytes // GiB for n in nodes] == [24, 64, 64]
+    cost = ModelCost((GiB,) * 90, 2 * GiB, (0,) * 90)
+    split = plan_layers(cost, nodes, 16).split
+    usable0 = int(24 * GiB * 0.8) - HEADROOM_BYTES - 2 * GiB
+    assert split[0] <= usable0 // GiB < 30  # 30: a third, as on total memory
+    assert sum(split) == 90
 
 
 def test_nodes_from_capacities():

@@ -18,6 +18,8 @@ from pipeline.model.stage import ROWS_FIRST_MAX_ROWS, RowsFirstLinear
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.usefixtures("on_cpu")  # bitwise comparisons: the CPU's products
+
 # (out, in) of the linear layers of the test and benchmark models, and odd ones
 SHAPES = [(64, 64), (176, 64), (64, 176), (256, 64), (1024, 1024), (2816, 1024),
           (1024, 2816), (128, 1024), (1536, 576), (576, 1536), (32000, 1024)]
@@ -53,7 +55,8 @@ def test_rows_first_linear_is_bitwise_equal_with_openblas():
     lib = find_openblas()
     if lib is None:
         pytest.skip("OpenBLAS is not installed (apt-get install libopenblas0-pthread)")
-    code = ("import tests.test_rows_first as t\n"
+    code = ("import mlx.core as mx; mx.set_default_device(mx.cpu)\n"
+            "import tests.test_rows_first as t\n"
             "for s in t.SHAPES:\n"
             "    for bias in (False, True): t.check_rows_first(*s, bias)\n"
             "t.check_tied_head()\n"

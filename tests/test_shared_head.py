@@ -13,6 +13,8 @@ from pipeline.model.stage import use_rows_first
 
 from conftest import run_pipeline
 
+pytestmark = pytest.mark.usefixtures("on_cpu")  # bitwise comparisons: the CPU's products
+
 
 @pytest.mark.parametrize("arch, quantize", [("tiny-llama", None), ("tiny-mistral", None),
                                             ("tiny-gemma3", None), ("tiny-qwen2", 8)])

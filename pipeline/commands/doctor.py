@@ -1,11 +1,14 @@
-"""`mpirun ... python -m pipeline doctor [--model M]`: is this cluster ready to run a model?
+"""`mpirun ... python -m pipeline doctor [--model M] [--hostfile H]`: is this cluster ready?
 
 Every rank reports its host, Python and package versions, device and BLAS, memory, memory
-bandwidth and disk, and (with --model) the size and sha256 of config.json and of every
-weights file the model would load. Rank 0 compares them with its own, times a ping-pong
-over every ring link (a small and a 4 MiB message), prints one table and lists every
-problem; the exit code is 1 when there is any. Warnings (a slow BLAS, a slow link) do not
-fail it.
+bandwidth and disk, the network interface its route to the next rank leaves by (routes.py),
+on a Mac the GPU wired limit (`iogpu.wired_limit_mb`), and (with --model) the size and
+sha256 of config.json and of every weights file the model would load. Rank 0 compares them
+with its own, plans the model's layers as a run would (each rank's share of the weights),
+times a ping-pong over every ring link (a small and a 4 MiB message), prints one table and
+lists every problem; the exit code is 1 when there is any. Warnings (a slow BLAS, a slow
+link, a hop over Wi-Fi or another interface than the hostfile's `iface=`, weights near the
+wired limit) do not fail it.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.exec import blas
+from pipeline.exec import blas, wired
 from pipeline.model import hugepages
+from pipeline.place import routes
 from pipeline.place.cluster import Capacity, CapacityError, gather_capacities, measure_hops
+from pipeline.place.hostfile import HostEntry, HostfileError, rank_entries, read_hostfile
 from pipeline.model.spec import hub_repo
 from pipeline.place.planner import fmt_bytes
 
@@ -52,6 +57,8 @@ class RankReport:
     files: list[FileCheck] = field(default_factory=list)
     model_problem: str | None = None
     huge_pages: str | None = None  # Linux transparent huge page mode (see hugepages.py)
+    route: routes.HopRoute | None = None  # how this rank reaches the next one
+    wired_limit_mb: int | None = None     # macOS: sysctl iogpu.wired_limit_mb (0: default)
 
 
 def package_versions() -> dict[str, str]:
@@ -103,7 +110,9 @@ def check_model(spec: str, expected: list[str] = ()) -> tuple[str, list[FileChec
     return str(path), checks, None
 
 
-def collect(rank: int, model: str | None, expected: list[str] = ()) -> RankReport:
+def collect(rank: int, model: str | None, expected: list[str] = (),
+            next_hop: tuple[int, str, bool] | None = None) -> RankReport:
+    """This rank's report; `next_hop`: (rank, host, same host as this one) of the next rank."""
     from mpi4py import MPI
 
     device, blas_name, reference = blas.describe()
@@ -112,6 +121,9 @@ def collect(rank: int, model: str | None, expected: list[str] = ()) -> RankRepor
                         device, blas_name, reference)
     if sys.platform == "linux":
         report.huge_pages = hugepages.thp_mode()
+    report.wired_limit_mb = wired.read_wired_limit_mb()
+    if next_hop is not None:
+        report.route = routes.route_to(rank, *next_hop)
     if model is not None:
         try:
             report.model_path, report.files, report.model_problem = check_model(model, expected)
@@ -120,9 +132,11 @@ def collect(rank: int, model: str | None, expected: list[str] = ()) -> RankRepor
     return report
 
 
-def find_problems(reports: list[RankReport], caps: list[Capacity] | None,
-                  hops_large) -> tuple[list[str], list[str]]:
-    """(problems, warnings), each naming the rank and host."""
+def find_problems(reports: list[RankReport], caps: list[Capacity] | None, hops_large,
+                  planned: list[int] | None = None,
+                  hosts: list[HostEntry] | None = None) -> tuple[list[str], list[str]]:
+    """(problems, warnings), each naming the rank and host. `planned`: each rank's weight
+    bytes as a run would place them; `hosts`: each rank's hostfile line."""
     problems, warnings = [], []
     ref = reports[0]
     ref_files = {f.name: f for f in ref.files}
@@ -145,6 +159,12 @@ def find_problems(reports: list[RankReport], caps: list[Capacity] | None,
             warnings.append(f"{who}: transparent huge pages are off (one-sequence decode ~8% "
                             f"slower on CPU): echo madvise > "
                             f"/sys/kernel/mm/transparent_hugepage/enabled")
+        cap = caps[r.rank] if caps else None
+        if planned and cap is not None and cap.device == "gpu":
+            note = wired.wired_limit_warning(planned[r.rank], r.wired_limit_mb,
+                                             cap.memory_limit, cap.total_memory)
+            if note:
+                warnings.append(f"{who}: {note}")
         if r.model_problem:
             problems.append(f"{who}: {r.model_problem}")
         for f in r.files:
@@ -160,6 +180,10 @@ def find_problems(reports: list[RankReport], caps: list[Capacity] | None,
                                 f"bytes, sha256 {mine.sha256[:12]})")
         if r.rank != 0 and ref.files and not r.files and not r.model_problem:
             problems.append(f"{who}: no model files where rank 0 has {len(ref.files)}")
+    warnings += routes.route_warnings(
+        [r.route for r in reports if r.route is not None],
+        {i: e.iface for i, e in enumerate(hosts or [])},
+        {i: e.line for i, e in enumerate(hosts or [])})
     for h in hops_large or []:
         if h.bandwidth < SLOW_LINK:
             warnings.append(f"link {h.src} -> {h.dst}: {h.bandwidth / 1e6:.3g} MB/s for 4 MiB "
@@ -201,12 +225,15 @@ def format_report(reports, caps, hops_small, hops_large, problems, warnings) -> 
     if hops_small:
         lines.append("")
         large = {(h.src, h.dst): h for h in hops_large or []}
+        route = {(r.route.src, r.route.dst): r.route for r in reports if r.route is not None}
         rows = [("link", f"latency ({SMALL_MESSAGE} B, one way)",
-                 f"bandwidth ({LARGE_MESSAGE // 2**20} MiB)")]
+                 f"bandwidth ({LARGE_MESSAGE // 2**20} MiB)", "interface")]
         for h in hops_small:
             big = large.get((h.src, h.dst))
+            via = route.get((h.src, h.dst))
             rows.append((f"{h.src} -> {h.dst}", _fmt_seconds(h.one_way_s),
-                         f"{big.bandwidth / 1e9:.3g} GB/s" if big else "?"))
+                         f"{big.bandwidth / 1e9:.3g} GB/s" if big else "?",
+                         via.label if via else "?"))
         lines += _table(rows)
     model = reports[0].model_path
     if model is not None:
@@ -224,22 +251,64 @@ def format_report(reports, caps, hops_small, hops_large, problems, warnings) -> 
     return "\n".join(lines)
 
 
-def run_doctor(model: str | None, comm, out=None) -> int:
+def rank_hosts(hostfile: str | None, size: int) -> tuple[list[HostEntry] | None, str | None]:
+    """Each rank's hostfile line (mpirun's mapping by slot), or why there is none."""
+    if hostfile is None:
+        return None, None
+    try:
+        slots = rank_entries(read_hostfile(hostfile))
+    except HostfileError as e:
+        return None, str(e)
+    if len(slots) < size:
+        return None, (f"{hostfile} has {len(slots)} slots but the job has {size} ranks: "
+                      f"is it the hostfile mpirun was given?")
+    return slots[:size], None
+
+
+def planned_weights(model: str | None, caps: list[Capacity] | None,
+                    hostfile: str | None) -> tuple[list[int] | None, str | None]:
+    """Rank 0: each rank's weight bytes as a run would place the model (a folder here), or
+    why the run would refuse to place it."""
+    if model is None or caps is None or not Path(model).expanduser().is_dir():
+        return None, None
+    from pipeline.model.load import default_dtype, read_config
+    from pipeline.model.spec import resolve_model
+    from pipeline.place.preflight import PLAN_ERRORS, preflight_plan
+
+    try:
+        path = resolve_model(model)
+        plan = preflight_plan(path, read_config(path), caps, hostfile=hostfile,
+                              dtype=default_dtype())
+    except PLAN_ERRORS as e:  # PlanError is a SplitError
+        return None, f"a run would not start: {e}"
+    return [r.weight_bytes for r in plan.ranks], None
+
+
+def run_doctor(model: str | None, comm, out=None, hostfile: str | None = None) -> int:
     """Check every rank of `comm` (collective); rank 0 prints. Returns the exit code,
-    the same on every rank: 0, or 1 when there is a problem."""
+    the same on every rank: 0, or 1 when there is a problem. `hostfile`: the one mpirun was
+    given, for the hosts' names and their `iface=` (without it: the ranks' hostnames)."""
     out = out or sys.stdout
-    rank = comm.Get_rank()
+    rank, size = comm.Get_rank(), comm.Get_size()
     caps, cap_error = None, None
     try:
         caps = gather_capacities(comm, model)
     except CapacityError as e:
         cap_error = str(e)
-    expected = None
-    if rank == 0 and model is not None and Path(model).expanduser().is_dir():
-        expected = model_files(Path(model).expanduser())
-    expected = comm.bcast(expected, root=0) or []
+    expected, hosts, host_error = None, None, None
+    if rank == 0:
+        if model is not None and Path(model).expanduser().is_dir():
+            expected = model_files(Path(model).expanduser())
+        hosts, host_error = rank_hosts(hostfile, size)
+    expected, hosts = comm.bcast((expected, hosts), root=0)
+    hostnames = comm.allgather(socket.gethostname())
+    next_hop = None
+    if size > 1:
+        dst = (rank + 1) % size
+        next_hop = (dst, hosts[dst].host if hosts else hostnames[dst],
+                    hostnames[dst] == hostnames[rank])
     try:
-        report = collect(rank, model, expected)
+        report = collect(rank, model, expected or [], next_hop)
     except Exception as e:  # reported as this rank's problem; no rank is left waiting
         report = RankReport(rank, socket.gethostname(), platform.python_version(), {}, "?",
                             "?", "?", False, model_problem=f"doctor failed here: "
@@ -249,9 +318,9 @@ def run_doctor(model: str | None, comm, out=None) -> int:
     hops_large = measure_hops(comm, LARGE_MESSAGE, reps=10)
     code = 0
     if rank == 0:
-        problems, warnings = find_problems(reports, caps, hops_large)
-        if cap_error:
-            problems.append(cap_error)
+        planned, plan_error = planned_weights(model, caps, hostfile if hosts else None)
+        problems, warnings = find_problems(reports, caps, hops_large, planned, hosts)
+        problems += [e for e in (cap_error, host_error, plan_error) if e]
         print(format_report(reports, caps, hops_small, hops_large, problems, warnings),
               file=out, flush=True)
         code = EXIT_PROBLEMS if problems else 0

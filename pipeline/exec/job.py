@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from mpi4py import MPI
 
-from pipeline.exec import blas
+from pipeline.exec import blas, wired
 from pipeline.model import hugepages
 from pipeline.model.gguf import GGUFError
 from pipeline.exec.driver import Driver
@@ -152,7 +152,7 @@ def start(opts: Options, comm=None):
         raise JobError(e.message if rank == 0 else None, e.exit_code) from None
 
     layer_range = layer_ranges(plan["split"])[rank]
-    stage, error = None, None
+    stage, error, wired_note = None, None, None
     try:
         log(f"loading layers {layer_range[0]}..{layer_range[1] - 1} from {path}")
         dequantize = _dequantize(opts)
@@ -167,6 +167,7 @@ def start(opts: Options, comm=None):
         if hugepages.wanted():
             huge = hugepages.advise(held_parameters(stage).values())
             log(f"{huge / 2**20:.0f} MiB of weights moved onto 2 MiB pages")
+        wired_note = wired.set_wired_limit(weight_bytes)  # Metal only, as mlx-lm does
         log(f"loaded {len(stage.loaded_names)} tensors, {weight_bytes / 2**20:.1f} MiB")
     except USER_ERRORS as e:
         error = str(e)
@@ -175,7 +176,8 @@ def start(opts: Options, comm=None):
         log(traceback.format_exc())
     _end_if_any(comm, error, EXIT_FAILURE)
     device, blas_name, reference = blas.describe()
-    reports = comm.gather((socket.gethostname(), device, blas_name, reference), root=0)
+    reports = comm.gather((socket.gethostname(), device, blas_name, reference, wired_note),
+                          root=0)
 
     if rank != 0:
         Worker(Ring(comm), stage, weight_bytes).run()
@@ -188,11 +190,13 @@ def start(opts: Options, comm=None):
     print(f"pipeline: {size} rank{'s' * (size > 1)} on {len(hosts)} host{'s' * (len(hosts) > 1)}, "
           f"{config['model_type']} {config['num_hidden_layers']} layers split {plan['split']}, "
           f"device {device}, BLAS {blas_name}", file=sys.stderr, flush=True)
-    for r, (host, _, name, ref) in enumerate(reports):
+    for r, (host, _, name, ref, note) in enumerate(reports):
         if ref:
             print(f"pipeline: warning: rank {r} ({host}) uses the {name} (~30x slower): "
                   f"install OpenBLAS (apt-get install libopenblas0-pthread)",
                   file=sys.stderr, flush=True)
+        if note:
+            print(f"pipeline: warning: rank {r} ({host}): {note}", file=sys.stderr, flush=True)
     context = opts.max_context or default_max_context(config)
     return Driver(comm, stage, tokenizer, weight_bytes, opts.prefill_chunk, context,
                   head_share_rows=plan["head_share_rows"])

@@ -4,12 +4,15 @@ A line is `host [slots=N] [max_slots=M]`, `#` starts a comment, blank lines are 
 (OpenMPI's own syntax, so the same file goes to `mpirun -hostfile`). Our additions live in
 a trailing comment that mpirun ignores:
 
-    192.168.1.20 slots=1   # pipeline: mem=128G bw=546G chip="M4 Max" name="MacBook Pro"
+    192.168.1.20 slots=1   # pipeline: mem=128G bw=546G iface=bridge0 chip="M4 Max" name="MacBook Pro"
 
 - `mem`: the host's memory, or a lower cap for headroom. K/M/G/T are binary (64G = 64 GiB:
   Apple's "64 GB" Macs have 64 GiB). The ranks on one line share it equally.
 - `bw`: memory bandwidth in bytes per second; K/M/G/T are decimal here (273G = 273 GB/s,
   as Apple publishes it). A trailing `B/s` is allowed.
+- `iface`: the network interface the other hosts should reach this one by (`bridge0` for a
+  Thunderbolt bridge): `doctor` warns when the route from the previous rank leaves by
+  another, e.g. Wi-Fi on the same subnet.
 - `chip`, `name`: free text for tables.
 
 Ranks map to lines in slot order (mpirun's default `--map-by slot`): rank 0 takes the first
@@ -27,7 +30,7 @@ from pathlib import Path
 
 ANNOTATION = "pipeline:"
 _OMPI_KEYS = {"slots", "max_slots", "max-slots", "slots_max"}
-_ANNOTATION_KEYS = {"mem", "bw", "chip", "name"}
+_ANNOTATION_KEYS = {"mem", "bw", "iface", "chip", "name"}
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?$", re.IGNORECASE)
 _EXPONENT = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
@@ -44,6 +47,7 @@ class HostEntry:
     slots: int | None = None           # None: not given (mpirun then uses the host's cores)
     memory_bytes: int | None = None    # `mem=`: the host's memory (shared by its slots)
     bandwidth: float | None = None     # `bw=`: memory bandwidth, bytes/s
+    iface: str | None = None           # `iface=`: the interface this host is reached by
     chip: str | None = None
     name: str | None = None
     line: int = 0

@@ -61,11 +61,23 @@ def nodes_from_hostfile(entries: list[HostEntry], source: str = "hostfile") -> l
     return nodes
 
 
+def planning_memory(cap: Capacity, on_first_host: bool) -> int:
+    """A rank's memory for the plan: its share of the host's total. On rank 0's host (the Mac
+    you type on, with a browser and an editor open) no more than its share of what is
+    available now: the other hosts run only their ranks, so their total is what they have."""
+    share = max(cap.local_ranks, 1)
+    memory = cap.total_memory // share
+    if on_first_host and cap.available_memory is not None:
+        memory = min(memory, cap.available_memory // share)
+    return memory
+
+
 def nodes_from_capacities(caps: list[Capacity], entries: list[HostEntry] | None = None,
                           source: str = "hostfile") -> list[Node]:
-    """Measured capacities. Ranks on one host share its memory, and get the host's mean
-    bandwidth (so that probe noise between them does not steer the split). A hostfile line's
-    `mem=` caps the memory of the ranks mapped to it (mpirun's default: by slot)."""
+    """Measured capacities. Ranks on one host share its memory (on rank 0's host: its
+    available memory, see planning_memory), and get the host's mean bandwidth (so that probe
+    noise between them does not steer the split). A hostfile line's `mem=` caps the memory of
+    the ranks mapped to it (mpirun's default: by slot)."""
     slots = _slots_for(entries, len(caps), source) if entries else None
     shares = _ranks_per_entry(slots) if slots else {}
     by_host: dict[str, list[float]] = {}
@@ -75,7 +87,7 @@ def nodes_from_capacities(caps: list[Capacity], entries: list[HostEntry] | None 
     nodes = []
     for c in caps:
         share = max(c.local_ranks, 1)
-        memory = c.total_memory // share
+        memory = planning_memory(c, c.host == caps[0].host)
         if slots and slots[c.rank].memory_bytes is not None:
             memory = min(memory, slots[c.rank].memory_bytes // shares[id(slots[c.rank])])
         bws = by_host.get(c.host)
@@ -197,6 +209,10 @@ def _nodes(caps: list[Capacity] | None, hostfile: str | None):
         size = len(caps)
         source = (f"measured on {size} rank(s)" + (" under mpirun" if size > 1 else ", this machine")
                   + (f", memory capped by {hostfile}" if hostfile else ""))
+        first = caps[0]
+        if planning_memory(first, True) < first.total_memory // max(first.local_ranks, 1):
+            source += (f"; rank 0's host counts the {fmt_bytes(first.available_memory)} "
+                       f"available of its {fmt_bytes(first.total_memory)}")
         return (nodes_from_capacities(caps, entries, str(hostfile)),
                 [f"{c.host} ({c.device}, {c.device_name})" for c in caps], source)
     if entries is None:
