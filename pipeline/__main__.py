@@ -8,7 +8,7 @@
 import os
 import signal
 
-# Ctrl-C under launch/mpirun arrives as SIGUSR1 (see repl.INTERRUPTS) at every rank. The
+# Ctrl-C under launch/mpirun arrives as SIGUSR1 (see exec/job.py INTERRUPTS) at every rank. The
 # ranks other than 0 ignore it from the start (an ignored signal stays ignored across the
 # BLAS re-exec below); rank 0 decides: its commands set handlers, and before that (start-up)
 # the signal ends rank 0 and with it the job, as Ctrl-C should.
@@ -383,7 +383,7 @@ def plan_cmd(
     """Show how the layers would be placed (no weights loaded); under mpirun, measured."""
     from mpi4py import MPI
 
-    from pipeline.place.preflight import run_plan
+    from pipeline.commands.plan import run_plan
 
     if dtype is not None and dtype not in DTYPE_NAMES:
         _fail(f"--dtype {dtype} is not one of {', '.join(DTYPE_NAMES)}")

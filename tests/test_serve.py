@@ -155,7 +155,7 @@ def oracle(model_dir):
 
 
 def encode(tok, text, chat):
-    from pipeline.commands.chat import encode as encode_messages
+    from pipeline.model.prompt import encode as encode_messages
 
     return encode_messages(tok, [{"role": "user", "content": text}], chat)
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from pipeline.exec.engine import Engine, Sequence
 from pipeline.exec.driver import Driver, check_prompt
 from pipeline.exec.sampling import SamplingParams
-from pipeline.commands.chat import INTERRUPTS, encode, wants_chat
+from pipeline.exec.job import INTERRUPTS
+from pipeline.model.prompt import encode, wants_chat
 
 
 class BatchFileError(ValueError):

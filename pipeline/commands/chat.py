@@ -10,7 +10,9 @@ import sys
 from dataclasses import asdict
 
 from pipeline.exec.driver import Driver, GenerationStats
+from pipeline.exec.job import INTERRUPTS
 from pipeline.exec.sampling import SamplingParams
+from pipeline.model.prompt import encode, wants_chat
 
 HELP = """commands:
   /reset   forget the conversation (and the cached keys/values on every rank)
@@ -18,20 +20,6 @@ HELP = """commands:
   /help    this text
   /quit    exit (Ctrl-D too); Ctrl-C stops the answer being written
 End a line with \\ to continue the message on the next line; pasted lines stay together."""
-
-
-def encode(tokenizer, messages: list[dict], chat: bool) -> list[int]:
-    """Token ids for a conversation: through the chat template, or the raw text of its turns."""
-    if chat:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
-    text = "".join(m["content"] for m in messages if m["role"] != "system")
-    bos = tokenizer.bos_token
-    return tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
-
-
-def wants_chat(tokenizer, chat: bool | None) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
 
 
 def format_stats(stats: GenerationStats, ranks: list[dict]) -> list[str]:
@@ -127,10 +115,6 @@ class InputReader:
             raise bad
         return "\n".join(lines) if lines else None
 
-
-# launch/mpirun turns Ctrl-C into SIGUSR1, which mpirun forwards to every rank (a SIGINT to
-# mpirun itself would end the job): rank 0 takes it as Ctrl-C, the other ranks ignore it.
-INTERRUPTS = (signal.SIGINT, signal.SIGUSR1)
 
 
 class _CtrlC:

@@ -273,7 +273,8 @@ def planned_weights(model: str | None, caps: list[Capacity] | None,
         return None, None
     from pipeline.model.load import default_dtype, read_config
     from pipeline.model.spec import resolve_model
-    from pipeline.place.preflight import PLAN_ERRORS, preflight_plan
+    from pipeline.commands.plan import PLAN_ERRORS
+    from pipeline.place.preflight import preflight_plan
 
     try:
         path = resolve_model(model)

@@ -7,6 +7,7 @@ A failure while a rank loads its share is gathered the same way. Nothing is left
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 import traceback
@@ -23,7 +24,7 @@ from pipeline.wire.ring import Ring
 from pipeline.model.spec import ModelError, hub_repo, model_kind, resolve_model
 from pipeline.model.load import held_parameters, load_stage, read_config, resident_bytes
 from pipeline.place.cluster import CapacityError
-from pipeline.files.distribute import DistributeError
+from pipeline.errors import EXIT_FAILURE, EXIT_USAGE, JobError, raise_together
 from pipeline.files.prepare import prepare as prepare_files
 from pipeline.place.hostfile import HostfileError
 from pipeline.place.planner import DEFAULT_MEMORY_FRACTION
@@ -32,17 +33,12 @@ from pipeline.place.cost import default_max_context
 from pipeline.place.preflight import measure_cluster, preflight_plan
 from pipeline.model.stage import UnsupportedModel, use_rows_first
 
+# launch/mpirun turns Ctrl-C into SIGUSR1, which mpirun forwards to every rank (a SIGINT to
+# mpirun itself would end the job): rank 0 takes it as Ctrl-C, the other ranks ignore it.
+INTERRUPTS = (signal.SIGINT, signal.SIGUSR1)
+
 USER_ERRORS = (ModelError, SplitError, UnsupportedModel, FileNotFoundError, GGUFError,
                HostfileError)
-EXIT_USAGE, EXIT_FAILURE = 2, 1
-
-
-class JobError(Exception):
-    """Ends the job on every rank with `exit_code`; rank 0 prints `message` (if any)."""
-
-    def __init__(self, message: str | None, exit_code: int):
-        super().__init__(message)
-        self.message, self.exit_code = message, exit_code
 
 
 @dataclass
@@ -70,23 +66,6 @@ class Log:
     def __call__(self, msg: str) -> None:
         if self.verbose:
             print(f"[rank {self.rank} {self.host}] {msg}", file=sys.stderr, flush=True)
-
-
-def _first_error(comm, error: str | None) -> str | None:
-    """Collective: the first rank's error (named by rank and host when not rank 0), on rank 0."""
-    errors = comm.gather((error, socket.gethostname()), root=0)
-    if comm.Get_rank() != 0:
-        return None
-    for r, (err, host) in enumerate(errors):
-        if err:
-            return err if r == 0 or comm.Get_size() == 1 else f"rank {r} ({host}): {err}"
-    return None
-
-
-def _end_if_any(comm, error: str | None, exit_code: int) -> None:
-    message = _first_error(comm, error)
-    if comm.bcast(message is not None if comm.Get_rank() == 0 else None, root=0):
-        raise JobError(message, exit_code)
 
 
 def _plan(opts: Options, path, config: dict, caps, hops, size: int) -> dict:
@@ -129,7 +108,7 @@ def start(opts: Options, comm=None):
             error = str(e)
         else:
             log(f"cannot fetch {opts.model} here ({e}): rank 0 will send its files")
-    _end_if_any(comm, error, EXIT_USAGE)
+    raise_together(comm, error, EXIT_USAGE, any_rank=True)
     config = comm.bcast(config, root=0)
 
     caps, hops, plan, error = None, None, None, None
@@ -142,14 +121,11 @@ def start(opts: Options, comm=None):
             plan = _plan(opts, path, config, caps, hops, size)
         except USER_ERRORS as e:
             error = str(e)
-    plan, error = comm.bcast((plan, error), root=0)
-    if error:
-        raise JobError(error if rank == 0 else None, EXIT_USAGE)
-    try:  # collective: each rank gets verified copies of the files its layers need
-        path = prepare_files(comm, opts.model, kind, path, plan["split"], opts.distribute, log,
-                             plan["head_share_rows"] > 0)
-    except DistributeError as e:
-        raise JobError(e.message if rank == 0 else None, e.exit_code) from None
+    raise_together(comm, error, EXIT_USAGE)
+    plan = comm.bcast(plan, root=0)
+    # collective: each rank gets verified copies of the files its layers need
+    path = prepare_files(comm, opts.model, kind, path, plan["split"], opts.distribute, log,
+                         plan["head_share_rows"] > 0)
 
     layer_range = layer_ranges(plan["split"])[rank]
     stage, error, wired_note = None, None, None
@@ -174,7 +150,7 @@ def start(opts: Options, comm=None):
     except Exception as e:  # an unexpected failure still ends every rank together
         error = f"{type(e).__name__}: {e}"
         log(traceback.format_exc())
-    _end_if_any(comm, error, EXIT_FAILURE)
+    raise_together(comm, error, EXIT_FAILURE, any_rank=True)
     device, blas_name, reference = blas.describe()
     reports = comm.gather((socket.gethostname(), device, blas_name, reference, wired_note),
                           root=0)

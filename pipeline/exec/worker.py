@@ -97,7 +97,7 @@ class Worker:
 
     def run(self) -> None:
         """Serve rank 0's requests until it says Quit."""
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # rank 0's Ctrl-C (see chat.INTERRUPTS)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # rank 0's Ctrl-C (see job.INTERRUPTS)
         while True:
             request = self.ring.wait_request()
             if isinstance(request, Quit):

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from mpi4py import MPI
 
+from pipeline.errors import EXIT_FAILURE, EXIT_USAGE, raise_together
 from pipeline.model.load import tensor_index
 from pipeline.model.spec import META_PATTERNS, ModelError, cache_root
 from pipeline.place.split import layer_ranges
@@ -38,15 +39,6 @@ from pipeline.place.split import layer_ranges
 CHUNK = 16 * 2**20  # bytes per MPI message: large enough for full link speed, small in memory
 TAG = 0x5EED
 PROGRESS_EVERY_S = 1.0
-EXIT_USAGE, EXIT_FAILURE = 2, 1
-
-
-class DistributeError(Exception):
-    """Ends the job on every rank (the runtime turns it into a JobError)."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.message, self.exit_code = message, exit_code
 
 
 @dataclass(frozen=True)
@@ -326,9 +318,7 @@ def distribute(comm, path: Path | None, candidate: Path | None, wanted: list[lis
             cache.save()
         except (OSError, ModelError) as e:
             error = str(e)
-    error = comm.bcast(error, root=0)
-    if error:
-        raise DistributeError(error, EXIT_USAGE)
+    raise_together(comm, error, EXIT_USAGE)
 
     manifest = comm.scatter(manifests, root=0)
     folder, problems, error = candidate, [], None
@@ -350,9 +340,8 @@ def distribute(comm, path: Path | None, candidate: Path | None, wanted: list[lis
             message = "; ".join(refusals)
         by_name = {r: {e.name: e for e in m} for r, m in enumerate(manifests) if m}
         transfers = [(r, by_name[r][n]) for r, (_, _, p, _) in enumerate(reports) for n, _ in p]
-    transfers, message = comm.bcast((transfers, message) if rank == 0 else None, root=0)
-    if message:
-        raise DistributeError(message, code)
+    raise_together(comm, message, code)
+    transfers = comm.bcast(transfers, root=0)
     if not transfers:
         if rank == 0:
             log("model files verified on every rank: nothing to send")
@@ -379,12 +368,5 @@ def distribute(comm, path: Path | None, candidate: Path | None, wanted: list[lis
         mine = [e for d, e in transfers if d == rank]
         if mine:
             error = _receive(comm, folder, mine)
-    errors = comm.gather(error, root=0)
-    message = None
-    if rank == 0:
-        message = "; ".join(e if r == 0 else f"rank {r} ({reports[r][0]}): {e}"
-                            for r, e in enumerate(errors) if e) or None
-    message = comm.bcast(message, root=0)
-    if message:
-        raise DistributeError(message, EXIT_FAILURE)
+    raise_together(comm, error, EXIT_FAILURE, any_rank=True)
     return path if rank == 0 else folder

@@ -21,7 +21,6 @@ behalf first.
 
 from __future__ import annotations
 
-import socket
 import sys
 import threading
 import time
@@ -29,8 +28,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.files.distribute import (EXIT_FAILURE, EXIT_USAGE, DistributeError, fmt_mib,
-                         distribute, wanted_files)
+from pipeline.errors import EXIT_FAILURE, EXIT_USAGE, raise_together
+from pipeline.files.distribute import distribute, fmt_mib, wanted_files
 from pipeline.model.spec import ModelError, cache_root
 
 POLL_S = 0.5
@@ -100,15 +99,9 @@ def download_all(comm, repo: str, commit: str, names: list[str]) -> Path | None:
                 print(("\r" if tty else "") + line, end=end, file=sys.stderr, flush=True)
         if comm.bcast(finished, root=0):
             break
-    errors = comm.gather((socket.gethostname(), counter.error), root=0)
-    message = None
-    if rank == 0:
-        message = "; ".join(e if r == 0 else f"rank {r} ({h}): {e}"
-                            for r, (h, e) in enumerate(errors) if e) or None
-    message = comm.bcast(message, root=0)
-    if message:
-        raise DistributeError(message + ": check the network (HF_ENDPOINT, HF_TOKEN) or run with "
-                              "--distribute so rank 0 fetches and sends the files", EXIT_FAILURE)
+    raise_together(comm, counter.error, EXIT_FAILURE, any_rank=True,
+                   suffix=": check the network (HF_ENDPOINT, HF_TOKEN) or run with "
+                   "--distribute so rank 0 fetches and sends the files")
     return counter.root
 
 
@@ -131,9 +124,8 @@ def prepare_hub(comm, repo: str, path: Path | None, split: list[int], mode: bool
                                        for r, names in enumerate(wanted)])
         except (OSError, ModelError) as e:
             error = str(e)
-    plan, error = comm.bcast((plan, error), root=0)
-    if error:
-        raise DistributeError(error, EXIT_USAGE)
+    raise_together(comm, error, EXIT_USAGE)
+    plan = comm.bcast(plan, root=0)
     commit, lists, wanted = plan
     log(f"fetching {len(lists[rank])} files of {repo} at {commit[:12]}")
     root = download_all(comm, repo, commit, lists[rank])

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.files.distribute import EXIT_USAGE, DistributeError, distribute, wanted_files
+from pipeline.errors import EXIT_USAGE, raise_together
+from pipeline.files.distribute import distribute, wanted_files
 from pipeline.files.hub import prepare_hub
 from pipeline.model.spec import ModelError
 
@@ -26,8 +27,6 @@ def prepare(comm, spec: str | None, kind: str, path: Path | None, split: list[in
             wanted = wanted_files(path, split, head_share)
         except (OSError, ModelError) as e:
             error = str(e)
-    error = comm.bcast(error, root=0)
-    if error:
-        raise DistributeError(error, EXIT_USAGE)
+    raise_together(comm, error, EXIT_USAGE)
     candidate = None if rank == 0 else Path(spec).expanduser()
     return distribute(comm, path, candidate, wanted, mode, log)

@@ -11,7 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from pipeline.commands.chat import encode, wants_chat
+from pipeline.model.prompt import encode, wants_chat
 
 MAX_STOPS = 16  # OpenAI allows 4; more costs nothing here
 ROLES = {"system", "user", "assistant", "developer"}

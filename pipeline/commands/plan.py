@@ -1,0 +1,153 @@
+"""`python -m pipeline plan`: how the layers would be placed, without loading any weight.
+
+    python -m pipeline plan --model M --hostfile hostfiles/tb4      # declared capacities
+    mpirun -np 3 python -m pipeline plan --model M [--hostfile H]   # measured capacities
+
+Under mpirun every rank measures itself (memory, bandwidth, disk) and the ring's hops are
+timed; a hostfile then only caps memory (`# pipeline: mem=`). Without mpirun the hostfile's
+declarations are the capacities (one rank per slot); without either, this machine alone.
+A run's preflight makes the same decision (place/preflight.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from pipeline.errors import EXIT_USAGE
+from pipeline.model.gguf import GGUFError
+from pipeline.model.load import read_config
+from pipeline.model.spec import ModelError, resolve_model
+from pipeline.model.stage import UnsupportedModel
+from pipeline.place.cluster import CapacityError, measure_capacity
+from pipeline.place.cost import default_max_context, model_cost, quantized_alternatives
+from pipeline.place.hostfile import HostfileError
+from pipeline.place.planner import DEFAULT_MEMORY_FRACTION, HEADROOM_BYTES, ModelCost, Plan, fmt_bytes
+from pipeline.place.preflight import nodes_for, measure_cluster, plan_job
+from pipeline.place.split import SplitError
+
+PLAN_ERRORS = (ModelError, HostfileError, SplitError, UnsupportedModel, CapacityError,
+               GGUFError, FileNotFoundError)
+
+
+def _fmt_number(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _fmt_bw(bw: float | None) -> str:
+    return "?" if not bw else f"{bw / 1e9:.3g} GB/s"
+
+
+def format_plan(plan: Plan, cost: ModelCost, labels: list[str], header: list[str]) -> str:
+    rows = [("rank", "host", "memory", "usable", "bandwidth", "layers", "range", "weights",
+             "KV cache", "est ms/token")]
+    for r, label in zip(plan.ranks, labels):
+        start, end = r.layer_range
+        ms = "?" if r.est_ms_per_token is None else f"{r.est_ms_per_token:.3g}"
+        rows.append((str(r.rank), label, fmt_bytes(r.memory_bytes), fmt_bytes(r.usable_bytes),
+                     _fmt_bw(r.bandwidth), str(r.layers), f"{start}..{end - 1}",
+                     fmt_bytes(r.weight_bytes), fmt_bytes(r.kv_bytes), ms))
+    total_ms = plan.est_ms_per_token
+    rows.append(("total", "", "", "", "", str(sum(plan.split)), "",
+                 fmt_bytes(sum(r.weight_bytes for r in plan.ranks)),
+                 fmt_bytes(sum(r.kv_bytes for r in plan.ranks)),
+                 "?" if total_ms is None else f"{total_ms:.3g}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    right = {0, 2, 3, 4, 5, 7, 8, 9}
+    lines = [*header, ""]
+    for row in rows:
+        lines.append("  ".join(c.rjust(w) if i in right else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+    if plan.tokens_per_s is not None:
+        lines.append(f"\ntokens/s bound: {_fmt_number(plan.tokens_per_s)} (one sequence: weight bytes / "
+                     f"bandwidth per rank + {plan.hop_ms:.3g} ms of hops per token)")
+    else:
+        lines.append("\ntokens/s bound: unknown (bandwidth not known for every rank: "
+                     "split in proportion to memory)")
+    return "\n".join(lines)
+
+
+def _model(model: str | None, dtype: str | None):
+    path = resolve_model(model)
+    config = read_config(path)
+    return path, config, model_cost(path, config, dtype)
+
+
+def run_plan(model: str | None, hostfile: str | None = None, max_context: int | None = None,
+             memory_fraction: float = DEFAULT_MEMORY_FRACTION, as_json: bool = False,
+             comm=None, *, dtype: str | None = None, split: str | None = None,
+             out=None) -> int:
+    """Print the plan (rank 0) and return the exit code, the same on every rank: 0, or 2
+    with one `pipeline: error:` line when the model does not fit or the input is wrong.
+
+    comm: the job's communicator (None or size 1: no mpirun). dtype: the run's --dtype
+    (default: float32 on a CPU it measures, as the run would; the checkpoint's for hosts
+    declared in a hostfile).
+    """
+    out = out or sys.stdout
+    rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+    measured = size > 1 or hostfile is None
+    model_info, error = None, None
+    if rank == 0:
+        try:
+            if measured and dtype is None:
+                from pipeline.model.load import default_dtype
+
+                dtype = default_dtype()
+            model_info = _model(model, dtype)
+        except PLAN_ERRORS as e:
+            error = str(e)
+    path = str(model_info[0]) if model_info else None
+    hidden = model_info[2].hidden_bytes if model_info else 0
+    if size > 1:
+        error, path, hidden = comm.bcast((error, path, hidden), root=0)
+    if error:
+        if rank == 0:
+            print(f"pipeline: error: {error}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+
+    caps, hops = None, None
+    try:
+        if size > 1:
+            caps, hops = measure_cluster(comm, path, max(hidden, 1))
+        elif measured:
+            caps = [measure_capacity(0, path)]
+    except CapacityError as e:  # rank 0 only
+        error = str(e)
+    code = 0
+    if rank == 0:
+        try:
+            if error:
+                raise CapacityError(error)
+            _plan_and_print(model_info, hostfile, caps, hops, max_context, memory_fraction,
+                            split, as_json, out)
+        except PLAN_ERRORS as e:
+            print(f"pipeline: error: {e}", file=sys.stderr, flush=True)
+            code = EXIT_USAGE
+    return comm.bcast(code, root=0) if size > 1 else code
+
+
+def _plan_and_print(model_info, hostfile, caps, hops, max_context, memory_fraction, split,
+                    as_json, out) -> None:
+    path, config, cost = model_info
+    max_context = max_context or default_max_context(config)
+    nodes, labels, source = nodes_for(caps, hostfile)
+    plan = plan_job(cost, nodes, max_context, memory_fraction=memory_fraction, split=split,
+                    hops=hops, alternatives=quantized_alternatives(config, cost.dtype))
+    hop_note = "measured" if hops is not None else "assumed"
+    if as_json:
+        doc = {**plan.to_json(), "model": {"path": str(path), "description": cost.description,
+               "num_layers": cost.num_layers, "head_bytes": cost.head_bytes},
+               "source": source, "hops": hop_note, "headroom_bytes": HEADROOM_BYTES,
+               "capacities": [c.to_json() for c in caps] if caps else None}
+        print(json.dumps(doc), file=out, flush=True)
+        return
+    header = [f"model: {path}", f"  {cost.description}", f"capacities: {source}",
+              f"max context {max_context} tokens, memory fraction {memory_fraction:g}, headroom "
+              f"{fmt_bytes(HEADROOM_BYTES)} per rank, hops {hop_note}"
+              + (f", --split {split}" if split else "")]
+    if plan.head_share_rows:
+        header.append(f"shared head: in batch/serve/bench the last rank also holds the head's "
+                      f"first {plan.head_share_rows} of {cost.vocab} rows (counted in its "
+                      f"weights; --no-share-head there)")
+    print(format_plan(plan, cost, labels, header), file=out, flush=True)
