@@ -46,7 +46,7 @@ def run_json(np_: int, *args: str) -> dict:
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """model_dir(preset, **kw) -> folder of a tiny random model, built once per session."""
-    from pipeline.make_model import make_model
+    from pipeline.model.make_model import make_model
 
     made: dict = {}
 

@@ -5,8 +5,8 @@ import json
 import mlx.core as mx
 import pytest
 
-from pipeline.load import ModelError, layer_of, load_stage, read_config, resident_bytes, tensor_index
-from pipeline.plan import layer_ranges
+from pipeline.model.load import ModelError, layer_of, load_stage, read_config, resident_bytes, tensor_index
+from pipeline.place.split import layer_ranges
 
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3", "tiny-phi3"])
