@@ -34,7 +34,7 @@ from pipeline.serve.server import (  # noqa: E402
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "checkpoint")
 
 
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
@@ -110,8 +110,9 @@ SYSTEM = typer.Option(None, "--system", help="System prompt (chat mode).")
 CHAT = typer.Option(None, "--chat/--no-chat",
                     help="Apply the chat template [default: on if the tokenizer has one].")
 SPLIT = typer.Option(None, "--split", help="Layers per rank, e.g. 10,12,8 (must sum to the layer count).")
-DTYPE = typer.Option(None, "--dtype", help="Cast unquantized weights: float32, float16 or bfloat16 "
-                     "[default: float32 on CPU, the checkpoint's on GPU].")
+DTYPE = typer.Option(None, "--dtype", help="Cast floating weights (quantization scales included): "
+                     "float32, float16 or bfloat16; checkpoint: cast nothing, as mlx-lm (same "
+                     "tokens) [default: float32 on CPU (faster), checkpoint on GPU].")
 PREFILL_CHUNK = typer.Option(DEFAULT_PREFILL_CHUNK, "--prefill-chunk",
                              help="Prompt tokens per pipelined prefill chunk.")
 DEQUANTIZE = typer.Option(None, "--dequantize/--no-dequantize",
@@ -141,7 +142,7 @@ SHARE_HEAD = typer.Option(True, "--share-head/--no-share-head",
 def _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, hostfile=None,
              max_context=None, memory_fraction=0.8, distribute=None, share_head=False):
     """Check what every rank can check alone, then the job's options."""
-    from pipeline.model.load import default_dtype
+    from pipeline.model.load import resolve_dtype
     from pipeline.exec.job import Options
 
     try:
@@ -156,7 +157,7 @@ def _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, 
         _fail(f"--memory-fraction {memory_fraction} is outside (0, 1]")
     if max_context is not None and max_context < 1:
         _fail("--max-context must be at least 1")
-    return Options(model=model, split=split, dtype=dtype or default_dtype(), verbose=verbose,
+    return Options(model=model, split=split, dtype=resolve_dtype(dtype), verbose=verbose,
                    prefill_chunk=prefill_chunk, dequantize=dequantize, hostfile=hostfile,
                    max_context=max_context, memory_fraction=memory_fraction,
                    distribute=distribute, share_head=share_head)
@@ -376,8 +377,8 @@ def plan_cmd(
     split: Optional[str] = typer.Option(
         None, "--split", help="Check these layers per rank instead of planning."),
     dtype: Optional[str] = typer.Option(
-        None, "--dtype", help="Cast unquantized weights (as the run would) [default: float32 "
-        "on a measured CPU, else the checkpoint's]."),
+        None, "--dtype", help="Cast floating weights (as the run would): float32, float16, "
+        "bfloat16 or checkpoint [default: float32 on a measured CPU, else checkpoint]."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Show how the layers would be placed (no weights loaded); under mpirun, measured."""

@@ -85,6 +85,48 @@ def reference_tokens(path: Path, prompt_ids: list[int], n: int, dequantize: bool
     return [int(tok) for tok, _ in steps]
 
 
+def mlx_lm_prompt_ids(tokenizer, prompt: str, chat: bool | None, system: str | None = None
+                      ) -> list[int]:
+    """Prompt ids made the way `mlx_lm.generate` makes them, with mlx-lm's own tokenizer:
+    chat (None: when it has a template): the template as text, encoded without special
+    tokens; else the plain prompt encoded with them (its --ignore-chat-template)."""
+    if chat is None:
+        chat = tokenizer.has_chat_template
+    if not chat:
+        return list(tokenizer.encode(prompt, add_special_tokens=True))
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": prompt})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def mlx_lm_oracle(path: Path, prompt: str, n: int, chat: bool | None = False,
+                  system: str | None = None, dequantize: bool = False,
+                  cast: str | None = None) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy tokens) of single-process mlx-lm given the prompt TEXT: it loads
+    the model (`mlx_lm.load`: every tensor in the checkpoint's dtype) and tokenizes itself.
+    dequantize: as mlx-lm's dequantize_model; cast: every floating parameter to this dtype
+    (what the pipeline's --dtype does), e.g. "float32" for a CPU run's default."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import dequantize_model
+
+    model, tokenizer = load(str(path))
+    if dequantize:
+        model = dequantize_model(model)
+    if cast is not None:
+        dtype = getattr(mx, cast)
+        model.update(tree_map(
+            lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a,
+            model.parameters()))
+    ids = mlx_lm_prompt_ids(tokenizer, prompt, chat, system)
+    steps = generate_step(mx.array(ids), model, max_tokens=n,
+                          sampler=lambda logprobs: mx.argmax(logprobs, axis=-1))
+    return ids, [int(tok) for tok, _ in steps]
+
+
 def launch_checkout(where: Path, venv: Path) -> Path:
     """launch/mpirun as a checkout at `where` with `venv` as its .venv runs it (where/launch/mpirun
     links to the real script, where/.venv to venv); returns the script's path there. The script

@@ -1,38 +1,50 @@
-"""The strongest check: pipeline greedy tokens == single-process mlx-lm's, over real mpirun."""
+"""The strongest check: pipeline greedy tokens == single-process mlx-lm's, over real mpirun.
 
+mlx-lm is given the prompt text and tokenizes it itself (mlx_lm.load's tokenizer, its chat
+template or not, as `mlx_lm.generate` does): the pipeline's prompt ids and generated ids must
+both equal mlx-lm's.
+"""
+
+import mlx.core as mx
 import pytest
 
-from conftest import ARCHS, reference_tokens, run_json
+from conftest import ARCHS, mlx_lm_oracle, run_json
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+SYSTEM = "You answer in one short sentence."
 N_TOKENS = 24
+LAYERS = 7  # every tiny preset: uneven over 2 and 3 ranks
 
 
-def check(np_, path, *extra):
-    out = run_json(np_, "--model", str(path), "--prompt", PROMPT, "--no-chat", "--temp", "0",
+def check(np_, path, *extra, chat=False, system=None, cast=None):
+    flags = ["--chat" if chat else "--no-chat"] + (["--system", system] if system else [])
+    out = run_json(np_, "--model", str(path), "--prompt", PROMPT, *flags, "--temp", "0",
                    "--max-tokens", str(N_TOKENS), "--ignore-eos", *extra)
-    expected = reference_tokens(path, out["prompt_ids"], N_TOKENS, "--dequantize" in extra)
+    ids, expected = mlx_lm_oracle(path, PROMPT, N_TOKENS, chat=chat, system=system,
+                                  dequantize="--dequantize" in extra, cast=cast)
+    assert out["prompt_ids"] == ids
     assert out["tokens"] == expected
     assert len(set(expected)) > 3, "degenerate model output makes the oracle weak"
+    ranges = [tuple(r["layer_range"]) for r in out["ranks"]]
+    assert [r["rank"] for r in out["ranks"]] == list(range(max(np_, 1)))
+    assert ranges[0][0] == 0 and ranges[-1][1] == LAYERS
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, no overlap
     return out
 
 
+@pytest.mark.parametrize("np_", [1, 2, 3])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_every_architecture_on_two_ranks(model_dir, arch):
-    out = check(2, model_dir(arch))
-    assert [r["rank"] for r in out["ranks"]] == [0, 1]
+def test_every_architecture(model_dir, arch, np_):
+    check(np_, model_dir(arch))
 
 
-@pytest.mark.parametrize("np_", [0, 1, 3])
-def test_llama_on_one_and_three_ranks(model_dir, np_):
-    out = check(np_, model_dir("tiny-llama"))  # 7 layers: uneven over 2 and 3 ranks
-    ranges = [tuple(r["layer_range"]) for r in out["ranks"]]
-    assert ranges[0][0] == 0 and ranges[-1][1] == 7 and len(ranges) == max(np_, 1)
+def test_without_mpirun(model_dir):
+    check(0, model_dir("tiny-llama"))
 
 
-@pytest.mark.parametrize("arch", ["tiny-gemma3", "tiny-qwen3"])
-def test_three_ranks(model_dir, arch):
-    check(3, model_dir(arch))
+def test_chat_template_and_system_prompt(model_dir):
+    out = check(2, model_dir("tiny-qwen3"), chat=True, system=SYSTEM)
+    assert len(out["prompt_ids"]) > 20  # the template's turns are there, not just the text
 
 
 def test_forced_split(model_dir):
@@ -55,3 +67,22 @@ def test_dequantized_checkpoint(model_dir):
 
 def test_sharded_checkpoint(model_dir):
     check(3, model_dir("tiny-qwen2", shards=2))
+
+
+# 16-bit checkpoints as mlx-community publishes them: bfloat16, and 4-bit with bfloat16
+# scales (mlx_lm.convert -q of a bfloat16 model). mlx-lm runs them in bfloat16.
+SIXTEEN_BIT = {"bf16": dict(dtype="bfloat16"), "bf16-4bit": dict(dtype="bfloat16", quantize_bits=4)}
+
+
+@pytest.mark.parametrize("np_", [1, 2])
+@pytest.mark.parametrize("kind", sorted(SIXTEEN_BIT))
+def test_checkpoint_dtype_gives_mlx_lm_tokens(model_dir, kind, np_):
+    check(np_, model_dir("tiny-llama", **SIXTEEN_BIT[kind]), "--dtype", "checkpoint")
+
+
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the float32 default is the CPU's")
+@pytest.mark.parametrize("kind", sorted(SIXTEEN_BIT))
+def test_cpu_default_is_mlx_lm_in_float32(model_dir, kind):
+    # What the faster default computes: mlx-lm's model with every float cast to float32
+    # (tokens that may differ from mlx-lm's bfloat16 ones, see README "Same tokens as mlx-lm").
+    check(2, model_dir("tiny-llama", **SIXTEEN_BIT[kind]), cast="float32")

@@ -172,6 +172,7 @@ def run_batch(driver: Driver, prompts: Path, out: Path, defaults: Defaults, conc
             "id": seq.id, "prompt": seq.extra["prompt"],
             "completion": tokenizer.decode(tokens), "finish_reason": seq.finish_reason,
             "prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.tokens),
+            "completion_ids": seq.tokens,  # every generated id, a final EOS included
             "ttft_s": round(seq.first_token - seq.started, 4),
             "tokens_per_s": round((len(seq.tokens) - 1) / decode_s, 2) if decode_s > 0 else 0.0,
         }

@@ -81,8 +81,8 @@ def run_plan(model: str | None, hostfile: str | None = None, max_context: int | 
     with one `pipeline: error:` line when the model does not fit or the input is wrong.
 
     comm: the job's communicator (None or size 1: no mpirun). dtype: the run's --dtype
-    (default: float32 on a CPU it measures, as the run would; the checkpoint's for hosts
-    declared in a hostfile).
+    ("checkpoint": as stored; default: float32 on a CPU it measures, as the run would; the
+    checkpoint's for hosts declared in a hostfile).
     """
     out = out or sys.stdout
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
@@ -90,10 +90,10 @@ def run_plan(model: str | None, hostfile: str | None = None, max_context: int | 
     model_info, error = None, None
     if rank == 0:
         try:
-            if measured and dtype is None:
-                from pipeline.model.load import default_dtype
+            from pipeline.model.load import resolve_dtype
 
-                dtype = default_dtype()
+            # Hosts declared in a hostfile alone: devices unknown, the checkpoint's dtypes.
+            dtype = resolve_dtype(dtype) if measured or dtype is not None else None
             model_info = _model(model, dtype)
         except PLAN_ERRORS as e:
             error = str(e)
