@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NP ?= 2
 OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 
-.PHONY: install run test bench bench-links clean-cache
+.PHONY: install run test test-fast bench bench-links clean-cache
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,9 @@ run: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+test-fast: install  # the in-process tests only (no mpirun): about a minute
+	$(PY) -m pytest -q -m "not slow" tests
 
 # side-by-side throughput (mlx-lm, mlx-lm --pipeline, this tool at 1 and 2 ranks); not in CI
 bench: install
