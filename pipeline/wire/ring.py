@@ -22,6 +22,27 @@ SEND_DEPTH = 4  # messages a rank may have posted and not yet delivered
 # Open MPI sends larger ones by rendezvous (shared memory from 4 KiB, TCP from 64 KiB),
 # which moves only when the sender calls into MPI after the receiver has answered.
 PROGRESS_BYTES = 4 * 1024
+# A rank waiting for a message polls for up to SPIN_S, then sleeps between polls, starting at
+# SLEEP_MIN_S and doubling up to SLEEP_MAX_S: a blocking MPI receive busy-polls a core for the
+# whole wait, which on a box whose two vCPUs share a physical core slows the rank that computes
+# (and heats a laptop for nothing). The sleep adds at most SLEEP_MAX_S to a message's arrival.
+SPIN_S = 50e-6
+SLEEP_MIN_S = 20e-6
+SLEEP_MAX_S = 200e-6
+
+
+def wait(requests: list) -> None:
+    """Complete MPI requests without spinning a core for long (see SPIN_S)."""
+    if MPI.Request.Testall(requests):
+        return
+    spin_until = time.perf_counter() + SPIN_S
+    while time.perf_counter() < spin_until:
+        if MPI.Request.Testall(requests):
+            return
+    delay = SLEEP_MIN_S
+    while not MPI.Request.Testall(requests):
+        time.sleep(delay)
+        delay = min(delay * 2, SLEEP_MAX_S)
 
 
 class Ring:
@@ -44,12 +65,15 @@ class Ring:
         """Wait until at most `keep` posted messages are still in flight (oldest first)."""
         while len(self._inflight) > keep:
             reqs, _ = self._inflight.pop(0)
-            MPI.Request.Waitall(reqs)
+            wait(reqs)
 
     @property
     def sending(self) -> bool:
         """Whether a message above the eager size may still be on its way (worth calling
-        progress() for). Header-only messages always go eagerly."""
+        progress() for). Header-only messages always go eagerly. Sends that have completed are
+        dropped first: one counted after it arrived would make every layer of the next step
+        evaluate and poll (on a GPU, a host round trip per layer)."""
+        self.progress()
         return any(b.nbytes > PROGRESS_BYTES for _, bufs in self._inflight for b in bufs)
 
     def progress(self) -> None:
@@ -77,7 +101,7 @@ class Ring:
         """Blocking receive of the next message from the previous rank."""
         raw = np.empty(HEADER_FIELDS, dtype=np.int64)
         start = time.perf_counter()
-        self.comm.Recv(raw, self.prev, TAG_RING)
+        wait([self.comm.Irecv(raw, self.prev, TAG_RING)])
         self.wait_s += time.perf_counter() - start
         hdr = Header.decode(raw)
         if hdr.op != Op.FORWARD:
