@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import RotatingKVCache
+from mlx_lm.models.mla import MultiLinear, QuantizedMultiLinear
 from mlx_lm.utils import _get_classes
 
 from pipeline.model.load import layer_of, safetensors_header, tensor_index
@@ -39,8 +40,20 @@ def config_dtype(config: dict) -> str:
 
 
 def _lazy_model(config: dict) -> nn.Module:
-    model_class, args_class = _get_classes(config)
+    try:
+        model_class, args_class = _get_classes(config)
+    except ValueError as e:  # mlx-lm has no module for this model_type
+        raise ModelError(f"cannot size model_type '{config['model_type']}': {e}") from None
     return model_class(args_class.from_dict(config))  # parameters stay unevaluated
+
+
+def _tied(model: nn.Module, config: dict) -> bool:
+    """Whether the embedding doubles as the head: the model's args say, else the config
+    (deepseek_v3's and gemma3_text's args lack the field), else whether it has an lm_head."""
+    tied = getattr(model.args, "tie_word_embeddings", None)
+    if tied is None:
+        tied = config.get("tie_word_embeddings")
+    return not hasattr(model, "lm_head") if tied is None else bool(tied)
 
 
 def _quantize(model: nn.Module, quantization: dict) -> None:
@@ -58,16 +71,28 @@ def _quantize(model: nn.Module, quantization: dict) -> None:
                 mode=quantization.get("mode", "affine"), class_predicate=predicate)
 
 
-def _kv_layout(model: nn.Module, config: dict, element_bytes: int):
-    """(bytes per token per layer, sliding window per layer) of the model's KV caches."""
+def _kv_token_bytes(model: nn.Module, element_bytes: int) -> int:
+    """Keys + values one token adds to one layer's cache."""
     args = model.args
     heads = args.num_attention_heads
+    latent = getattr(args, "kv_lora_rank", None)
+    if latent:  # multi-head latent attention (DeepSeek-V2/V3, Kimi-K2, ...)
+        absorbed = (MultiLinear, QuantizedMultiLinear)  # per-head up-projections of the latent
+        if any(isinstance(m, absorbed) for _, m in model.named_modules()):
+            return (latent + args.qk_rope_head_dim) * element_bytes  # caches the latent itself
+        return heads * (args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim) \
+            * element_bytes  # expands it to every head's keys and values
     kv_heads = getattr(args, "num_key_value_heads", None) or heads
     head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
+    return 2 * kv_heads * head_dim * element_bytes
+
+
+def _kv_layout(model: nn.Module, config: dict, element_bytes: int):
+    """(bytes per token per layer, sliding window per layer) of the model's KV caches."""
     n = config["num_hidden_layers"]
     caches = model.make_cache() if hasattr(model, "make_cache") else [None] * n
     windows = tuple(c.max_size if isinstance(c, RotatingKVCache) else None for c in caches)
-    return (2 * kv_heads * head_dim * element_bytes,) * n, windows
+    return (_kv_token_bytes(model, element_bytes),) * n, windows
 
 
 def config_cost(config: dict, dtype: str | None = None,
@@ -84,7 +109,7 @@ def config_cost(config: dict, dtype: str | None = None,
     model = _lazy_model(config)
     if quantization and "bits" in quantization:
         _quantize(model, quantization)
-    tied = getattr(model.args, "tie_word_embeddings", True)
+    tied = _tied(model, config)
     n = config["num_hidden_layers"]
     per_layer, head, matrix = [0] * n, 0, 0
     for name, a in tree_flatten(model.parameters()):
@@ -143,7 +168,7 @@ def _checkpoint_cost(path: Path, config: dict, dtype: str | None) -> ModelCost |
             held = _HEADER_DTYPES[headers[name]["dtype"]]
             break
     model = _lazy_model(config)
-    tied = getattr(model.args, "tie_word_embeddings", True)
+    tied = _tied(model, config)
     matrix = 0
     for name, info in headers.items():
         nbytes = index.nbytes[name]
