@@ -15,7 +15,11 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, quantize_model
 
 from pipeline.place.cost import config_cost, experts_per_token, model_cost
+from pipeline.place.hostfile import read_hostfile
 from pipeline.place.planner import GiB, ModelCost, Node, PlanError, describe_split, plan_layers
+from pipeline.place.preflight import nodes_from_hostfile
+
+from conftest import ROOT, run_pipeline
 
 GB = 10**9
 Q4 = {"group_size": 64, "bits": 4}
@@ -284,3 +288,117 @@ def test_checkpoint_headers_size_like_the_config(tmp_path, bits, per_expert_name
     assert from_headers.read_bytes == pytest.approx(from_config.read_bytes, abs=64)
     assert from_headers.read_bytes[1] < from_headers.layer_bytes[1] / 2
     assert (from_headers.experts, from_headers.experts_per_token) == (8, 2)
+
+
+# --- `plan` on config-only folders and the shipped hostfiles -------------------------------
+
+
+@pytest.fixture
+def config_only(tmp_path):
+    def make(name: str) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(MODELS[name][0]))
+        return str(folder)
+    return make
+
+
+def plan_json(*args: str) -> dict:
+    proc = run_pipeline(0, "plan", *args, "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def hostfile_nodes(name: str) -> list[Node]:
+    return nodes_from_hostfile(read_hostfile(ROOT / "hostfiles" / name))
+
+
+def check_fits(doc: dict, num_layers: int) -> None:
+    ranks = doc["ranks"]
+    assert sum(doc["split"]) == num_layers and min(doc["split"]) >= 1
+    assert ranks[0]["layer_range"][0] == 0 and ranks[-1]["layer_range"][1] == num_layers
+    for r in ranks:
+        assert r["weight_bytes"] + r["kv_bytes"] + r["headroom_bytes"] <= r["usable_bytes"]
+        assert r["read_bytes"] < r["weight_bytes"]
+        hop_ms = doc["hop_ms"] / len(ranks)  # assumed: the same for every hop
+        assert r["est_ms_per_token"] == pytest.approx(
+            r["read_bytes"] / r["bandwidth_bytes_per_s"] * 1e3 + hop_ms, rel=1e-3)
+    assert doc["tokens_per_s_bound"] == pytest.approx(1000 / doc["est_ms_per_token"], rel=1e-3)
+
+
+def test_deepseek_v3_fits_the_ethernet_cluster(config_only, costs):
+    """704 GiB in five Macs: DeepSeek-V3 4-bit (352 GiB) at its full 163840-token context."""
+    cost, model = costs["deepseek-v3"], config_only("deepseek-v3")
+    doc = plan_json("--model", model, "--hostfile", "hostfiles/ethernet")
+    check_fits(doc, 61)
+    assert doc["max_context"] == 163840 and doc["kv_bytes"] == 61 * 1152 * 163840
+    assert doc["model"]["weight_bytes"] == cost.weight_bytes
+    assert doc["model"]["read_bytes_per_token"] == cost.token_read_bytes
+    assert (doc["model"]["experts"], doc["model"]["experts_per_token"]) == (256, 8)
+    # a single sequence reads ~21 GB per token at 273-800 GB/s: tens of tokens/s, not 2
+    assert doc["read_bytes"] == cost.token_read_bytes  # every layer once, the head on rank 0
+    assert 25 < doc["tokens_per_s_bound"] < 40
+    proc = run_pipeline(0, "plan", "--model", model, "--hostfile", "hostfiles/ethernet",
+                        timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert ("deepseek_v3 61 layers, hidden 7168, vocab 129280, separate head, 8 of 256 routed "
+            "experts per token, 4-bit (from config.json shapes)") in out
+    assert "weights 352 GiB, read per token 19.8 GiB" in out
+    header = next(line for line in out.splitlines() if line.lstrip().startswith("rank"))
+    assert header.split()[7:10] == ["weights", "read/token", "KV"]
+    total = next(line for line in out.splitlines() if line.startswith("total")).split()
+    assert total[1:4] == ["61", "352", "GiB"] and total[4:6] == ["19.8", "GiB"]
+    assert "tokens/s bound:" in out and "bytes a token reads / bandwidth per rank" in out
+
+
+def test_qwen3_235b_fits_the_tb4_cluster(config_only, costs):
+    """Three Macs, 384 GiB: Qwen3-235B-A22B 4-bit (123 GiB, ~12 GB read per token)."""
+    cost = costs["qwen3-235b-a22b"]
+    doc = plan_json("--model", config_only("qwen3-235b-a22b"), "--hostfile", "hostfiles/tb4")
+    check_fits(doc, 94)
+    assert doc["max_context"] == 40960
+    assert doc["weight_bytes"] >= cost.weight_bytes  # plus the last rank's rows of the head
+    assert 11 * GB < doc["read_bytes"] == cost.token_read_bytes < 13 * GB
+    # the M2 Ultra (800 GB/s, 154 GiB usable) takes the most layers; one sequence reads its
+    # ~12 GB at 273-800 GB/s: over 40 tokens/s
+    assert doc["split"][2] == max(doc["split"]) and doc["tokens_per_s_bound"] > 40
+
+
+def test_deepseek_v3_does_not_fit_tb4_and_says_what_would(config_only, costs):
+    proc = run_pipeline(0, "plan", "--model", config_only("deepseek-v3"), "--hostfile",
+                        "hostfiles/tb4", timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("pipeline: error:")]
+    assert len(errors) == 1 and "does not fit at --max-context 163840" in errors[0]
+    assert "weights 352 GiB" in errors[0] and "307 GiB usable" in errors[0]
+    assert "short by" in proc.stderr
+    assert "quantized variant" not in proc.stderr  # already 4-bit
+    fix = proc.stderr.split("what would fit: ")[1]
+    gib = int(fix.split("one more node with at least ")[1].split(" GiB")[0])
+    # the named node is enough, and 1 GiB less is not
+    cost, nodes = costs["deepseek-v3"], hostfile_nodes("tb4")
+    plan_layers(cost, [*nodes, Node(3, "new", gib * GiB)], 163840)
+    with pytest.raises(PlanError):
+        plan_layers(cost, [*nodes, Node(3, "new", (gib - 1) * GiB)], 163840)
+
+
+def test_kimi_k2_fits_ethernet_once_the_context_is_cut(config_only, costs):
+    """~1T parameters (538 GiB at 4 bits) in 563 GiB usable: not with a 131072-token cache on
+    every layer; the error names the context that fits, and that one does."""
+    model = config_only("kimi-k2")
+    proc = run_pipeline(0, "plan", "--model", model, "--hostfile", "hostfiles/ethernet",
+                        timeout=120)
+    assert proc.returncode == 2, proc.stdout
+    assert "does not fit at --max-context 131072" in proc.stderr and "weights 538 GiB" in proc.stderr
+    fix = proc.stderr.split("what would fit: ")[1]
+    context = int(fix.split("--max-context ")[1].split(";")[0])
+    assert 32768 <= context < 131072 and context % 256 == 0
+    assert "one more node with at least" in fix
+    doc = plan_json("--model", model, "--hostfile", "hostfiles/ethernet",
+                    "--max-context", str(context))
+    check_fits(doc, 61)
+    assert doc["model"]["experts"] == 384 and doc["read_bytes"] == costs["kimi-k2"].token_read_bytes
+    assert doc["model"]["weight_bytes"] > 570 * GB and doc["tokens_per_s_bound"] > 20
+    with pytest.raises(PlanError):
+        plan_layers(costs["kimi-k2"], hostfile_nodes("ethernet"), context + 512)
