@@ -39,27 +39,32 @@ def _fmt_bw(bw: float | None) -> str:
 
 
 def format_plan(plan: Plan, cost: ModelCost, labels: list[str], header: list[str]) -> str:
+    """The table; a mixture of experts gets a column of what one token reads per rank."""
+    moe = cost.experts > 0
     rows = [("rank", "host", "memory", "usable", "bandwidth", "layers", "range", "weights",
-             "KV cache", "est ms/token")]
+             *(("read/token",) if moe else ()), "KV cache", "est ms/token")]
     for r, label in zip(plan.ranks, labels):
         start, end = r.layer_range
         ms = "?" if r.est_ms_per_token is None else f"{r.est_ms_per_token:.3g}"
         rows.append((str(r.rank), label, fmt_bytes(r.memory_bytes), fmt_bytes(r.usable_bytes),
                      _fmt_bw(r.bandwidth), str(r.layers), f"{start}..{end - 1}",
-                     fmt_bytes(r.weight_bytes), fmt_bytes(r.kv_bytes), ms))
+                     fmt_bytes(r.weight_bytes), *((fmt_bytes(r.read_bytes),) if moe else ()),
+                     fmt_bytes(r.kv_bytes), ms))
     total_ms = plan.est_ms_per_token
     rows.append(("total", "", "", "", "", str(sum(plan.split)), "",
                  fmt_bytes(sum(r.weight_bytes for r in plan.ranks)),
+                 *((fmt_bytes(sum(r.read_bytes for r in plan.ranks)),) if moe else ()),
                  fmt_bytes(sum(r.kv_bytes for r in plan.ranks)),
                  "?" if total_ms is None else f"{total_ms:.3g}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    right = {0, 2, 3, 4, 5, 7, 8, 9}
+    left = {1, 6}  # host, range
     lines = [*header, ""]
     for row in rows:
-        lines.append("  ".join(c.rjust(w) if i in right else c.ljust(w)
+        lines.append("  ".join(c.ljust(w) if i in left else c.rjust(w)
                                for i, (c, w) in enumerate(zip(row, widths))).rstrip())
     if plan.tokens_per_s is not None:
-        lines.append(f"\ntokens/s bound: {_fmt_number(plan.tokens_per_s)} (one sequence: weight bytes / "
+        read = "bytes a token reads" if moe else "weight bytes"
+        lines.append(f"\ntokens/s bound: {_fmt_number(plan.tokens_per_s)} (one sequence: {read} / "
                      f"bandwidth per rank + {plan.hop_ms:.3g} ms of hops per token)")
     else:
         lines.append("\ntokens/s bound: unknown (bandwidth not known for every rank: "
@@ -67,10 +72,22 @@ def format_plan(plan: Plan, cost: ModelCost, labels: list[str], header: list[str
     return "\n".join(lines)
 
 
+def _read_config(path) -> tuple[dict, str | None]:
+    """The config, and a note when runs do not support its model_type yet: planning sizes
+    any architecture mlx-lm has a class for (read_config parsed it before refusing it)."""
+    try:
+        return read_config(path), None
+    except UnsupportedModel as e:
+        config = json.loads((path / "config.json").read_text())
+        if not isinstance(config.get("num_hidden_layers"), int):
+            raise ModelError(f"{path / 'config.json'} has no integer num_hidden_layers") from None
+        return config, f"{e} (planned from mlx-lm's own model class)"
+
+
 def _model(model: str | None, dtype: str | None):
     path = resolve_model(model)
-    config = read_config(path)
-    return path, config, model_cost(path, config, dtype)
+    config, note = _read_config(path)
+    return path, config, model_cost(path, config, dtype), note
 
 
 def run_plan(model: str | None, hostfile: str | None = None, max_context: int | None = None,
@@ -129,7 +146,7 @@ def run_plan(model: str | None, hostfile: str | None = None, max_context: int | 
 
 def _plan_and_print(model_info, hostfile, caps, hops, max_context, memory_fraction, split,
                     as_json, out) -> None:
-    path, config, cost = model_info
+    path, config, cost, note = model_info
     max_context = max_context or default_max_context(config)
     nodes, labels, source = nodes_for(caps, hostfile)
     plan = plan_job(cost, nodes, max_context, memory_fraction=memory_fraction, split=split,
@@ -137,12 +154,18 @@ def _plan_and_print(model_info, hostfile, caps, hops, max_context, memory_fracti
     hop_note = "measured" if hops is not None else "assumed"
     if as_json:
         doc = {**plan.to_json(), "model": {"path": str(path), "description": cost.description,
-               "num_layers": cost.num_layers, "head_bytes": cost.head_bytes},
-               "source": source, "hops": hop_note, "headroom_bytes": HEADROOM_BYTES,
+               "num_layers": cost.num_layers, "head_bytes": cost.head_bytes,
+               "weight_bytes": cost.weight_bytes, "read_bytes_per_token": cost.token_read_bytes,
+               "experts": cost.experts, "experts_per_token": cost.experts_per_token},
+               "note": note, "source": source, "hops": hop_note, "headroom_bytes": HEADROOM_BYTES,
                "capacities": [c.to_json() for c in caps] if caps else None}
         print(json.dumps(doc), file=out, flush=True)
         return
-    header = [f"model: {path}", f"  {cost.description}", f"capacities: {source}",
+    moe = [f"  weights {fmt_bytes(cost.weight_bytes)}, read per token "
+           f"{fmt_bytes(cost.token_read_bytes)} (all but the routed experts, and "
+           f"{cost.experts_per_token} of their {cost.experts} per layer)"] if cost.experts else []
+    header = [f"model: {path}", f"  {cost.description}", *moe,
+              *([f"note: {note}"] if note else []), f"capacities: {source}",
               f"max context {max_context} tokens, memory fraction {memory_fraction:g}, headroom "
               f"{fmt_bytes(HEADROOM_BYTES)} per rank, hops {hop_note}"
               + (f", --split {split}" if split else "")]

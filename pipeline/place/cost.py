@@ -5,16 +5,26 @@ config.json is sized from the shapes its architecture implies: mlx-lm's own mode
 built lazily (no array is ever evaluated) and quantized like the config says, so biases,
 fused projections, q/k norms and quantization scales are all counted the way mlx-lm lays
 them out. The KV cache per token and sliding windows come from the same model's caches.
+
+Mixture-of-experts layers hold every expert but a token reads only the k its router picks:
+besides the bytes it holds, each block gets the bytes one token reads (attention, shared
+experts, dense MLPs, router, and k/E of the routed experts' bytes). The routed experts are
+the tensors of mlx-lm's stacked expert layers (SwitchLinear: `switch_mlp`, gpt-oss `experts`)
+or of per-expert module lists (`experts.<i>.`); k is the config's top-k, whatever the
+architecture calls it. Memory terms use the held bytes, time terms the read ones.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import RotatingKVCache
+from mlx_lm.models.mla import MultiLinear, QuantizedMultiLinear
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.utils import _get_classes
 
 from pipeline.model.load import layer_of, safetensors_header, tensor_index
@@ -39,8 +49,64 @@ def config_dtype(config: dict) -> str:
 
 
 def _lazy_model(config: dict) -> nn.Module:
-    model_class, args_class = _get_classes(config)
+    try:
+        model_class, args_class = _get_classes(config)
+    except ValueError as e:  # mlx-lm has no module for this model_type
+        raise ModelError(f"cannot size model_type '{config['model_type']}': {e}") from None
     return model_class(args_class.from_dict(config))  # parameters stay unevaluated
+
+
+def _tied(model: nn.Module, config: dict) -> bool:
+    """Whether the embedding doubles as the head: the model's args say, else the config
+    (deepseek_v3's and gemma3_text's args lack the field), else whether it has an lm_head."""
+    tied = getattr(model.args, "tie_word_embeddings", None)
+    if tied is None:
+        tied = config.get("tie_word_embeddings")
+    return not hasattr(model, "lm_head") if tied is None else bool(tied)
+
+
+# What each architecture calls its top-k (hunyuan: one per layer); dbrx's is in ffn_config.
+TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "experts_per_token", "moe_topk",
+              "moe_top_k", "moe_k", "top_k_experts")
+_EXPERT_LIST = re.compile(r"^(.*\.experts)\.(\d+)\.")  # one module per expert
+
+
+def _field(obj, key):
+    return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+
+def experts_per_token(args, layer: int) -> int | None:
+    """The routed experts a token uses in `layer`, from the model's args; None: not said."""
+    for source in (args, _field(args, "text_config"), _field(args, "ffn_config")):
+        for key in TOP_K_KEYS:
+            k = None if source is None else _field(source, key)
+            if isinstance(k, (list, tuple)):
+                k = k[layer] if layer < len(k) else None
+            if isinstance(k, int) and k > 0:
+                return k
+    return None
+
+
+def _token_reads(per_layer: list[int], tensors: list[tuple[str, int, int]], model: nn.Module):
+    """(bytes one token reads per block, routed experts per MoE layer, top-k) from the held
+    bytes and the blocks' tensors (name, block, bytes). Dense: the held bytes, 0, 0."""
+    stacked = {path: m.num_experts for path, m in model.named_modules()
+               if isinstance(m, (SwitchLinear, QuantizedSwitchLinear))}
+    listed: dict[str, set[str]] = {}
+    for name, _, _ in tensors:
+        if m := _EXPERT_LIST.match(name):
+            listed.setdefault(m.group(1), set()).add(m.group(2))
+    reads, experts, top_k = list(per_layer), 0, 0
+    for name, i, nbytes in tensors:
+        n = stacked.get(name.rpartition(".")[0])
+        if n is None and (m := _EXPERT_LIST.match(name)):
+            n = len(listed[m.group(1)])
+        if not n:
+            continue
+        k = min(experts_per_token(model.args, i) or n, n)  # top-k unknown: every expert read
+        reads[i] -= nbytes * (n - k) // n
+        experts, top_k = experts or n, top_k or k
+    return reads, experts, top_k
 
 
 def _quantize(model: nn.Module, quantization: dict) -> None:
@@ -58,16 +124,28 @@ def _quantize(model: nn.Module, quantization: dict) -> None:
                 mode=quantization.get("mode", "affine"), class_predicate=predicate)
 
 
-def _kv_layout(model: nn.Module, config: dict, element_bytes: int):
-    """(bytes per token per layer, sliding window per layer) of the model's KV caches."""
+def _kv_token_bytes(model: nn.Module, element_bytes: int) -> int:
+    """Keys + values one token adds to one layer's cache."""
     args = model.args
     heads = args.num_attention_heads
+    latent = getattr(args, "kv_lora_rank", None)
+    if latent:  # multi-head latent attention (DeepSeek-V2/V3, Kimi-K2, ...)
+        absorbed = (MultiLinear, QuantizedMultiLinear)  # per-head up-projections of the latent
+        if any(isinstance(m, absorbed) for _, m in model.named_modules()):
+            return (latent + args.qk_rope_head_dim) * element_bytes  # caches the latent itself
+        return heads * (args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim) \
+            * element_bytes  # expands it to every head's keys and values
     kv_heads = getattr(args, "num_key_value_heads", None) or heads
     head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
+    return 2 * kv_heads * head_dim * element_bytes
+
+
+def _kv_layout(model: nn.Module, config: dict, element_bytes: int):
+    """(bytes per token per layer, sliding window per layer) of the model's KV caches."""
     n = config["num_hidden_layers"]
     caches = model.make_cache() if hasattr(model, "make_cache") else [None] * n
     windows = tuple(c.max_size if isinstance(c, RotatingKVCache) else None for c in caches)
-    return (2 * kv_heads * head_dim * element_bytes,) * n, windows
+    return (_kv_token_bytes(model, element_bytes),) * n, windows
 
 
 def config_cost(config: dict, dtype: str | None = None,
@@ -84,9 +162,9 @@ def config_cost(config: dict, dtype: str | None = None,
     model = _lazy_model(config)
     if quantization and "bits" in quantization:
         _quantize(model, quantization)
-    tied = getattr(model.args, "tie_word_embeddings", True)
+    tied = _tied(model, config)
     n = config["num_hidden_layers"]
-    per_layer, head, matrix = [0] * n, 0, 0
+    per_layer, head, matrix, tensors = [0] * n, 0, 0, []
     for name, a in tree_flatten(model.parameters()):
         if tied and name.startswith("lm_head."):
             continue  # the embedding doubles as the head
@@ -97,12 +175,16 @@ def config_cost(config: dict, dtype: str | None = None,
             matrix += size if _is_head_matrix(name, tied) else 0
         else:
             per_layer[i] += size
+            tensors.append((name, i, size))
     kv, windows = _kv_layout(model, config, ELEMENT_BYTES[dtype])
+    reads, experts, top_k = _token_reads(per_layer, tensors, model)
     what = f"{quantization['bits']}-bit" if quantization and "bits" in quantization else dtype
     return ModelCost(tuple(per_layer), head, kv, windows,
                      hidden_bytes=config["hidden_size"] * ELEMENT_BYTES[dtype], dtype=dtype,
-                     description=f"{_summary(config, tied)}, {what} (from config.json shapes)",
-                     head_matrix_bytes=matrix, vocab=_vocab(config))
+                     description=f"{_summary(config, tied, experts, top_k)}, {what} "
+                                 f"(from config.json shapes)",
+                     head_matrix_bytes=matrix, vocab=_vocab(config),
+                     layer_read_bytes=tuple(reads), experts=experts, experts_per_token=top_k)
 
 
 def _is_head_matrix(name: str, tied: bool) -> bool:
@@ -115,10 +197,11 @@ def _vocab(config: dict) -> int:
     return v if isinstance(v, int) and v > 0 else 0
 
 
-def _summary(config: dict, tied: bool) -> str:
+def _summary(config: dict, tied: bool, experts: int, top_k: int) -> str:
+    moe = f", {top_k} of {experts} routed experts per token" if experts else ""
     return (f"{config['model_type']} {config['num_hidden_layers']} layers, hidden "
             f"{config['hidden_size']}, vocab {config.get('vocab_size')}, "
-            f"{'tied' if tied else 'separate'} head")
+            f"{'tied' if tied else 'separate'} head{moe}")
 
 
 def _checkpoint_cost(path: Path, config: dict, dtype: str | None) -> ModelCost | None:
@@ -143,8 +226,8 @@ def _checkpoint_cost(path: Path, config: dict, dtype: str | None) -> ModelCost |
             held = _HEADER_DTYPES[headers[name]["dtype"]]
             break
     model = _lazy_model(config)
-    tied = getattr(model.args, "tie_word_embeddings", True)
-    matrix = 0
+    tied = _tied(model, config)
+    matrix, tensors = 0, []
     for name, info in headers.items():
         nbytes = index.nbytes[name]
         if dtype is not None and info["dtype"] in _FLOAT_HEADER_BYTES:
@@ -157,15 +240,20 @@ def _checkpoint_cost(path: Path, config: dict, dtype: str | None) -> ModelCost |
             per_layer[i] += nbytes - index.nbytes[name]
         if i is None and _is_head_matrix(name, tied):
             matrix += nbytes
+        if i is not None and i < n:
+            tensors.append((name, i, nbytes))
     if dtype is not None:
         held = dtype
     kv, windows = _kv_layout(model, config, ELEMENT_BYTES[held])
+    reads, experts, top_k = _token_reads(per_layer, tensors, model)
     q = config.get("quantization") or {}
     what = f"{q['bits']}-bit" if "bits" in q else held
     return ModelCost(tuple(per_layer), head, kv, windows,
                      hidden_bytes=config["hidden_size"] * ELEMENT_BYTES[held], dtype=held,
-                     description=f"{_summary(config, tied)}, {what} (from safetensors headers)",
-                     head_matrix_bytes=matrix, vocab=_vocab(config))
+                     description=f"{_summary(config, tied, experts, top_k)}, {what} "
+                                 f"(from safetensors headers)",
+                     head_matrix_bytes=matrix, vocab=_vocab(config),
+                     layer_read_bytes=tuple(reads), experts=experts, experts_per_token=top_k)
 
 
 def model_cost(path: Path, config: dict, dtype: str | None = None) -> ModelCost:

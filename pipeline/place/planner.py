@@ -1,9 +1,12 @@
 """Pure placement: which contiguous layers each rank runs, from model costs and capacities.
 
-Decoding one sequence runs the stages one after another and reads every weight once per
-token, so
+Decoding one sequence runs the stages one after another and reads every weight it uses
+once per token, so
 
-    per-token time ~ sum_i weight_bytes_i / bandwidth_i + sum of hop times.
+    per-token time ~ sum_i read_bytes_i / bandwidth_i + sum of hop times,
+
+where a dense model reads all its weights and a mixture of experts only the shared ones and
+the k experts its router picks per layer (ModelCost.layer_read_bytes); memory holds them all.
 
 `plan_layers` minimizes that subject to every rank fitting weights + KV cache for
 `max_context` tokens + headroom into its usable memory (`memory_fraction` of its memory,
@@ -67,6 +70,11 @@ class ModelCost:
     description: str = ""
     head_matrix_bytes: int = 0                # the head's matrix (tied: the embedding), of head_bytes
     vocab: int = 0                            # its rows
+    # per block, what one token reads (MoE: all but the routed experts, plus k/E of those);
+    # () = layer_bytes (dense)
+    layer_read_bytes: tuple[int, ...] = ()
+    experts: int = 0                          # routed experts per MoE layer (0: dense)
+    experts_per_token: int = 0                # of them, what a token uses (top-k)
 
     @property
     def num_layers(self) -> int:
@@ -75,6 +83,16 @@ class ModelCost:
     @property
     def weight_bytes(self) -> int:
         return sum(self.layer_bytes) + self.head_bytes
+
+    @property
+    def read_bytes(self) -> tuple[int, ...]:
+        """Per block, the bytes one token reads."""
+        return self.layer_read_bytes or self.layer_bytes
+
+    @property
+    def token_read_bytes(self) -> int:
+        """What one token reads in all: its blocks' read bytes and rank 0's head (whole)."""
+        return sum(self.read_bytes) + self.head_bytes
 
     def kv_bytes(self, context: int) -> list[int]:
         """KV cache bytes of each block holding `context` tokens."""
@@ -94,8 +112,9 @@ class RankPlan:
     memory_bytes: int
     usable_bytes: int
     bandwidth: float | None
-    est_ms_per_token: float | None  # its layers (and rank 0's head) plus its outgoing hop
+    est_ms_per_token: float | None  # reading its token's bytes, plus its outgoing hop
     head_rows: int = 0  # the last rank: rows of the head it holds (see HEAD_SHARE_MAX)
+    read_bytes: int = 0  # what one token reads here (MoE: less than its weights; head rows: 0)
 
     @property
     def layers(self) -> int:
@@ -112,7 +131,7 @@ class RankPlan:
                 "est_ms_per_token": _round(self.est_ms_per_token),
                 "headroom_bytes": self.headroom_bytes, "need_bytes": self.need_bytes,
                 "usable_bytes": self.usable_bytes, "bandwidth_bytes_per_s": self.bandwidth,
-                "head_rows": self.head_rows}
+                "head_rows": self.head_rows, "read_bytes": self.read_bytes}
 
 
 @dataclass
@@ -149,6 +168,7 @@ class Plan:
                 "max_context": self.max_context, "memory_fraction": self.memory_fraction,
                 "head_share_rows": self.head_share_rows,
                 "weight_bytes": sum(r.weight_bytes for r in self.ranks),
+                "read_bytes": sum(r.read_bytes for r in self.ranks),
                 "kv_bytes": sum(r.kv_bytes for r in self.ranks),
                 "hop_ms": _round(self.hop_ms),
                 "est_ms_per_token": _round(self.est_ms_per_token),
@@ -185,13 +205,15 @@ def _search(cost: ModelCost, nodes: list[Node], context: int, memory_fraction: f
     as a shared head roughly splits it in batched decoding).
 
     Key per partial split: (time, slowest stage's time, peak memory use / usable, sum of
-    squared uses), compared in that order. Each term only grows as ranks are added, so
+    squared uses), compared in that order. Times count the bytes a token reads, memory the
+    bytes held (they differ for a mixture of experts). Each term only grows as ranks are added, so
     keeping the smallest key per state is optimal. Time is integer (bytes x femtoseconds per
     byte) so that equal bandwidths give exactly equal times; then the slowest stage decides
     (balanced stages keep a batch's micro-batches flowing, see engine.py), then memory.
     """
     n, size = cost.num_layers, len(nodes)
     wsum = [0, *accumulate(cost.layer_bytes)]
+    rsum = [0, *accumulate(cost.read_bytes)]
     ksum = [0, *accumulate(cost.kv_bytes(context))]
     known = use_time and all(node.bandwidth for node in nodes)
     fs_per_byte = [round(1e15 / node.bandwidth) if known else 0 for node in nodes]
@@ -207,7 +229,7 @@ def _search(cost: ModelCost, nodes: list[Node], context: int, memory_fraction: f
         cap = usable[r - 1]
         for i in range(r, n - (size - r) + 1):
             for j in range(i - 1, r - 2, -1):  # growing slice [j, i): need only grows
-                weights = wsum[i] - wsum[j] + extra
+                reads = rsum[i] - rsum[j] + extra
                 need = wsum[i] - wsum[j] + held + ksum[i] - ksum[j] + headroom
                 if enforce and need > cap:
                     break
@@ -215,8 +237,8 @@ def _search(cost: ModelCost, nodes: list[Node], context: int, memory_fraction: f
                 if prev is None:
                     continue
                 use = need / cap if cap > 0 else float("inf")
-                stage_time = weights * fs_per_byte[r - 1]
-                batch_time = (weights - extra + batch_extra) * fs_per_byte[r - 1]
+                stage_time = reads * fs_per_byte[r - 1]
+                batch_time = (reads - extra + batch_extra) * fs_per_byte[r - 1]
                 key = (prev[0] + stage_time, max(prev[1], batch_time), max(prev[2], use),
                        prev[3] + use * use)
                 if best[r][i] is None or key < best[r][i]:
@@ -247,15 +269,18 @@ def describe_split(cost: ModelCost, nodes: list[Node], split: list[int], max_con
     known = all(node.bandwidth for node in nodes)
     ranks = []
     for node, (start, end), hop in zip(nodes, layer_ranges(split), hops):
-        weights = sum(cost.layer_bytes[start:end]) + (cost.head_bytes if node.rank == 0 else 0)
-        ms = (weights / node.bandwidth + hop) * 1e3 if known else None
+        head = cost.head_bytes if node.rank == 0 else 0
+        weights = sum(cost.layer_bytes[start:end]) + head
+        reads = sum(cost.read_bytes[start:end]) + head
+        ms = (reads / node.bandwidth + hop) * 1e3 if known else None
         rows = share if size > 1 and node.rank == size - 1 else 0
         ranks.append(RankPlan(rank=node.rank, host=node.host, layer_range=(start, end),
                               weight_bytes=weights + _share_bytes(cost, rows),
                               kv_bytes=sum(kv[start:end]),
                               headroom_bytes=headroom_bytes, memory_bytes=node.memory_bytes,
                               usable_bytes=node.usable(memory_fraction),
-                              bandwidth=node.bandwidth, est_ms_per_token=ms, head_rows=rows))
+                              bandwidth=node.bandwidth, est_ms_per_token=ms, head_rows=rows,
+                              read_bytes=reads))
     return Plan(ranks, max_context, memory_fraction, hop_ms=sum(hops) * 1e3)
 
 
