@@ -1,5 +1,5 @@
 """The shared head: the last rank computes the logits of the vocabulary's first rows, rank 0
-the rest (engine.HeadSplit). Its parts must give exactly the tokens of the whole head."""
+the rest (exec/head.py HeadSplit). Its parts must give exactly the tokens of the whole head."""
 
 import json
 

@@ -33,7 +33,7 @@ DEFAULT_HOP_LATENCY_S = 0.25e-3  # one-way TCP over Thunderbolt or Ethernet, per
 DEFAULT_LINK_BANDWIDTH = 1.25e9  # bytes/s (10 Gbit/s) for a hidden state on the wire
 GiB = 2**30
 # The last rank of a ring holds this share of the head's rows (the vocabulary's first ones)
-# so it can take over part of every batched decode step's head (engine.HeadSplit); the cut
+# so it can take over part of every batched decode step's head (exec/head.py HeadSplit); the cut
 # then moves where it evens out the two stages' measured time, at most this far.
 HEAD_SHARE_MAX = 0.75
 

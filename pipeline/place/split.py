@@ -1,4 +1,4 @@
-"""Layer ranges and the user's --split, checked. No MPI, no MLX (the planner: placement.py)."""
+"""Layer ranges and the user's --split, checked. No MPI, no MLX (the planner: planner.py)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
     mpirun -np 2 python -m pipeline serve --host 127.0.0.1 --port 8080
 
 Rank 0 runs two threads. The HTTP thread (uvicorn + starlette on its own asyncio loop, see
-serve_http.py) parses requests and puts them on the Inbox. The main thread owns MLX and MPI:
+http.py) parses requests and puts them on the Inbox. The main thread owns MLX and MPI:
 it waits for the Inbox, then runs Engine.run over it; the engine takes new requests whenever a
 micro-batch has room (several in flight at once) and returns when nothing is left, and the
 main thread waits again. Tokens go back to the HTTP thread with loop.call_soon_threadsafe.
