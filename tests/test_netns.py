@@ -233,12 +233,13 @@ import sys, time
 import mlx.core as mx
 import numpy as np
 from mpi4py import MPI
+from pipeline.exec.head import SUMMARY_COLS
 from pipeline.wire.protocol import Flag, Message, Op
 from pipeline.wire.ring import Ring
 comm = MPI.COMM_WORLD
 ring, progress, kind = Ring(comm), sys.argv[1] == "progress", sys.argv[2]
 # a prefill chunk: 8 MiB, far above any eager limit; a decode step of 16 rows with the last
-# rank's head summary: 64 KiB of activations (TCP's eager limit) and a 384-byte summary
+# rank's head summary: 64 KiB of activations (TCP's eager limit) and a 2.3 KiB summary
 shape = (1, 2048, 1024) if kind == "chunk" else (16, 1, 1024)
 if comm.Get_rank() == 0:
     h = mx.ones(shape); mx.eval(h)
@@ -246,7 +247,7 @@ if comm.Get_rank() == 0:
     if kind == "chunk":
         ring.send(Message(Op.FORWARD, h=h))
     else:
-        ring.send(Message(Op.FORWARD, flags=Flag.HEAD, h=h, part=np.zeros((16, 3))))
+        ring.send(Message(Op.FORWARD, flags=Flag.HEAD, h=h, part=np.zeros((16, SUMMARY_COLS))))
     start = time.perf_counter()
     while time.perf_counter() - start < 2.0:  # "compute the next chunk", layer by layer
         end = time.perf_counter() + 0.01

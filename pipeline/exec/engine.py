@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Iterator
 import mlx.core as mx
 
 from pipeline.exec.driver import Driver
-from pipeline.exec.head import HeadSplit, combine_tops, greedy_rows, near_tie_tolerance, top_summary
+from pipeline.exec.head import (HeadSplit, SummaryCounts, combine_tops, greedy_rows, part_lse,
+                                part_summary)
 from pipeline.exec.sampling import Sampler, SamplingParams, logprobs_of
 from pipeline.exec.worker import CacheTable
 from pipeline.wire.protocol import Batch, Flag, Message, Op
@@ -67,6 +68,7 @@ class Engine:
         self._head_cost = (0.0, 0)  # rank 0's last head: seconds, vocabulary rows
         self._step_cut = 0  # the cut the step being handled was sent with
         self._admitted = False  # a sequence was prefilled in this scheduling round
+        self.summaries = SummaryCounts()  # greedy steps whose head came summarized
 
     # -- messages, applied here and sent down the ring in the same order ----------------
     def _control(self, op: Op, mb: int, payload: list[int] | None = None) -> None:
@@ -75,9 +77,10 @@ class Engine:
         self.driver.send(msg)
 
     def _tokens(self, msg: Message) -> tuple[list[int], list[bool], mx.array | None]:
-        """Greedy token and near-tie flag of every row of a returned decode step, and its
-        logits when they were computed whole (None when the last stage sent a summary of
-        its share of the head: rows that need exact logits then compute them)."""
+        """Greedy token of every row of a returned decode step, whether a row needs its exact
+        log-probabilities instead, and the step's logits when they were computed whole (None
+        when the last stage sent a summary of its share of the head: rows that need exact
+        log-probabilities then compute the whole head)."""
         start = time.perf_counter()
         cut = self._cuts.pop(msg.mb, 0)
         self._step_cut = cut
@@ -85,22 +88,23 @@ class Engine:
         between = ring.progress if ring is not None and ring.sending else None
         if not cut or msg.part is None:
             logits = self.stage.logits(msg.h, between)
-            tokens, near = greedy_rows(logits)
+            tokens, exact = greedy_rows(logits)
             self._head_cost = (time.perf_counter() - start, logits.shape[-1])
-            return tokens, near, logits
+            return tokens, exact, logits
         vocab = self.split.vocab
         mine = self.stage.head_logits(self.stage.final_norm(msg.h), cut,
                                       between=between)  # [B, V - cut]
         if msg.flags & Flag.LOGITS:
             logits = mx.concatenate([msg.part, mine], axis=1)
-            tokens, near = greedy_rows(logits)
+            tokens, exact = greedy_rows(logits)
         else:
-            rest = top_summary(mine, vocab)
-            tokens, near = combine_tops(msg.part, rest, cut,
-                                        near_tie_tolerance(mine.dtype, vocab))
+            rest = part_summary(mine, vocab, lse=False)  # its logsumexp only where needed
+            tokens, exact = combine_tops(msg.part, rest, cut, mine.dtype, vocab,
+                                         lambda rows: part_lse(mine[mx.array(rows)]))
+            self.summaries.add(exact)
             logits = None
         self._head_cost = (time.perf_counter() - start, vocab - cut)
-        return tokens, near, logits
+        return tokens, exact, logits
 
     # -- scheduling --------------------------------------------------------------------
     def _admit(self, mb: int, batch: list[Sequence], pending: Iterator[Sequence]) -> None:
@@ -146,14 +150,14 @@ class Engine:
                 mb, busy, self._admitted = msg.mb, time.perf_counter(), False
                 in_flight -= 1
                 batch = batches[mb]
-                greedy, near_tie, logits = self._tokens(msg)
+                greedy, exact, logits = self._tokens(msg)
                 now = time.perf_counter()
                 keep = []
                 for row, seq in enumerate(batch):
-                    if seq.sampling.greedy and not near_tie[row]:
+                    if seq.sampling.greedy and not exact[row]:
                         token = greedy[row]
                     else:  # sampled rows each with their own RNG, from exact logprobs
-                        if logits is None:  # a near tie in a summarized step: rare
+                        if logits is None:  # a summarized step that combine_tops left open
                             logits = self.stage.logits(msg.h)
                         token = seq.sampler(logprobs_of(logits[row : row + 1]))
                     if not seq.tokens:

@@ -33,7 +33,7 @@ class Op(IntEnum):
 class Flag(IntFlag):
     NONE = 0
     RETURN = 1  # the last stage sends this activation back to rank 0
-    HEAD = 2  # the last stage adds its share of the head: per row max, argmax, near-tie count
+    HEAD = 2  # the last stage adds a summary of its share of the head (exec/head.py)
     LOGITS = 4  # ... or its share's logits themselves (rows that are sampled need them all)
 
 
@@ -75,7 +75,7 @@ class Message:
     payload: list[int] = field(default_factory=list)  # JOIN: ids; FILTER: rows to keep
     head_rows: int = 0  # HEAD/LOGITS: vocabulary rows [0, head_rows) the last stage computes
     busy_us: int = 0  # on the way back: the last stage's compute time for this step
-    part: object = None  # the last stage's head share: HEAD float64 [B, 3], LOGITS [B, C]
+    part: object = None  # the last stage's head share: HEAD float64 [B, cols], LOGITS [B, C]
 
 
 # op, mb, flags, dtype code, B, L, D, head_rows, busy_us, part columns
@@ -118,7 +118,7 @@ def encode(msg: Message) -> list[np.ndarray]:
     code, buf = to_wire(msg.h)  # h: [B, L, D], evaluated
     b, l, d = msg.h.shape
     part = None
-    if msg.part is not None:  # [B, 3] float64 summary, or logits in h's dtype
+    if msg.part is not None:  # a float64 summary [B, cols], or logits in h's dtype
         part = (np.ascontiguousarray(msg.part, np.float64) if msg.flags & Flag.HEAD
                 else to_wire(msg.part.astype(msg.h.dtype))[1])
     cols = part.shape[1] if part is not None else 0
