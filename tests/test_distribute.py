@@ -141,7 +141,7 @@ def test_missing_files_without_distribution_is_a_clear_error(source, env, tmp_pa
 
 
 def test_unwritable_folder_falls_back_to_the_cache(monkeypatch, tmp_path, source):
-    from pipeline import distribute
+    from pipeline.files import distribute
 
     monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(distribute, "_writable", lambda folder: False)
