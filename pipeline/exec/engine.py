@@ -22,6 +22,7 @@ from pipeline.exec.driver import Driver
 from pipeline.exec.head import HeadSplit, combine_tops, greedy_rows, near_tie_tolerance, top_summary
 from pipeline.exec.sampling import Sampler, SamplingParams, logprobs_of
 from pipeline.exec.worker import CacheTable
+from pipeline.model.shell import UnsupportedModel
 from pipeline.wire.protocol import Batch, Flag, Message, Op
 
 
@@ -50,6 +51,9 @@ class Engine:
 
     def __init__(self, driver: Driver, concurrency: int, microbatches: int | None = None):
         self.driver, self.stage = driver, driver.stage
+        if self.stage.batch_problem:
+            raise UnsupportedModel(f"{self.stage.model_type} cannot run batched: "
+                                   f"{self.stage.batch_problem}")
         self.size = driver.size
         self.concurrency = max(1, concurrency)
         self.microbatches = max(1, min(microbatches or self.size, self.concurrency))
