@@ -8,6 +8,7 @@ import pytest
 
 from conftest import ARCHS
 from pipeline.model.load import layer_of, load_stage, read_config, tensor_index
+from pipeline.model.shell import UnsupportedModel
 from pipeline.model.spec import ModelError
 from pipeline.place.split import layer_ranges
 
@@ -97,6 +98,9 @@ def test_config_errors(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelError, match="not valid JSON"):
         read_config(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "num_hidden_layers": 2}))
-    with pytest.raises(ValueError, match="unsupported model_type 'mamba'"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no_such_arch"}))
+    with pytest.raises(UnsupportedModel, match="unsupported model_type 'no_such_arch'"):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(ModelError, match="does not describe an mlx-lm llama model"):
         read_config(tmp_path)

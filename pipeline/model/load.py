@@ -63,12 +63,17 @@ def read_config(path: Path) -> dict:
 
 def build_model(config: dict) -> nn.Module:
     """mlx-lm's model for this config, its weights lazy (nothing is computed or read)."""
+    model_type = config["model_type"]
     try:
         model_class, args_class = _get_classes(config)
     except ValueError:
-        raise UnsupportedModel(f"unsupported model_type '{config['model_type']}': mlx-lm "
-                               f"has no such architecture") from None
-    return model_class(args_class.from_dict(config))
+        raise UnsupportedModel(f"unsupported model_type '{model_type}': mlx-lm has no such "
+                               f"architecture") from None
+    try:
+        return model_class(args_class.from_dict(config))
+    except (TypeError, KeyError, ValueError, AttributeError, IndexError) as e:
+        raise ModelError(f"config.json does not describe an mlx-lm {model_type} model "
+                         f"({type(e).__name__}: {e})") from None
 
 
 _checked: dict[str, int] = {}
