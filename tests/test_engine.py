@@ -125,10 +125,11 @@ def test_engine_tokens_equal_mlx_lm(model_dir, split):
     assert not engine.table.batches and all(not w.table.batches for w in net.workers[1:])
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "tiny-olmo2", "tiny-gemma3-vl"])
 def test_engine_every_architecture_over_three_stages(model_dir, arch):
     """Micro-batches of every cache kind (KV, sliding window, linear attention's recurrent
-    state, MoE layers' KV) join, decode and shrink like one sequence in mlx-lm."""
+    state, MoE layers' KV) join, decode and shrink like one sequence in mlx-lm; also for an
+    architecture no code here names (olmo2) and a multimodal checkpoint's text model."""
     path = model_dir(arch)
     engine = _engine(LocalNet(path, [2, 3, 2]), concurrency=3)
     max_tokens = [6, 3, 5, 4, 7]

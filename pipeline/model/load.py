@@ -21,7 +21,8 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.utils import _get_classes, dequantize_model, infer_quant_config
 
-from pipeline.model.shell import Layout, Shell, UnsupportedModel, cache_template, module_at, probe
+from pipeline.model.shell import (SPECIAL_SHELLS, Layout, Shell, UnsupportedModel, cache_template,
+                                  module_at, probe, refusal)
 from pipeline.model.spec import META_PATTERNS, ModelError, hub_snapshot
 from pipeline.model.stage import Stage
 
@@ -82,6 +83,8 @@ _checked: dict[str, int] = {}
 def check_supported(config: dict) -> int:
     """Refuse (UnsupportedModel, saying why) a model whose forward a share of its blocks
     cannot run; else return its number of blocks. Builds the model lazily and probes it."""
+    if config["model_type"] in SPECIAL_SHELLS:
+        raise refusal(config["model_type"], SPECIAL_SHELLS[config["model_type"]])
     key = json.dumps(config, sort_keys=True, default=str)
     if key not in _checked:
         model = build_model(config)

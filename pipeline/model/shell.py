@@ -145,11 +145,15 @@ def _swap(owner: nn.Module, key: str, value) -> object:
     return old
 
 
+def refusal(model_type: str, why: str) -> UnsupportedModel:
+    return UnsupportedModel(f"pipeline cannot run model_type '{model_type}': {why}")
+
+
 def probe(model: nn.Module, model_type: str) -> Layout:
     """Run the model's forward once on pass-through blocks and read its layout off the calls
     it makes; UnsupportedModel says what a model does that a share of its blocks cannot."""
     def refuse(why: str) -> UnsupportedModel:
-        return UnsupportedModel(f"pipeline cannot run model_type '{model_type}': {why}")
+        return refusal(model_type, why)
 
     if model_type in SPECIAL_SHELLS:
         raise refuse(SPECIAL_SHELLS[model_type])
