@@ -53,6 +53,19 @@ def test_rank_loads_exactly_its_share(model_dir, arch, kind):
         del stage
 
 
+def test_quantized_moe_rank_reads_only_its_experts(model_dir):
+    """A 4-bit MoE checkpoint (experts stacked in switch layers): each of 2 ranks holds the
+    quantized experts of its own layers and nothing else."""
+    path = model_dir("tiny-qwen3-moe", quantize_bits=4)
+    config, index = read_config(path), tensor_index(path)
+    for rank, layer_range in enumerate(layer_ranges([4, 3])):
+        stage = load_stage(path, config, layer_range, with_head=rank == 0)
+        assert stage.loaded_names == index.share(layer_range, with_head=rank == 0)
+        experts = [n for n in stage.loaded_names if ".switch_mlp." in n]
+        assert {layer_of(n) for n in experts} == set(range(*layer_range))
+        assert {n.rsplit(".", 1)[1] for n in experts} == {"weight", "scales", "biases"}
+
+
 def test_cast_holds_the_cast_bytes(model_dir):
     path = model_dir("tiny-qwen2", dtype="bfloat16")
     config, index = read_config(path), tensor_index(path)

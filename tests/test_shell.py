@@ -55,7 +55,7 @@ def test_nested_checkpoint_loads_its_text_part(model_dir):
 @pytest.mark.parametrize("config, reason", [
     (dict(TINY, model_type="granite", logits_scaling=4.0, attention_multiplier=0.25,
           embedding_multiplier=12.0, residual_multiplier=0.2, attention_bias=False,
-          mlp_bias=False), "more than a final norm and a head after its blocks"),
+          mlp_bias=False), "after its blocks it does more than a final norm and a head"),
     (dict(TINY, model_type="exaone", num_layers=4, layer_norm_epsilon=1e-5),
      "its blocks are in `h`, not a `layers` list"),
     (dict(TINY, model_type="gemma3n"), "per-layer inputs"),
@@ -114,7 +114,7 @@ class Outer(nn.Module):
     ("between", "changes the hidden state between blocks"),
     ("shared-cache", "share caches across layers"),
     ("twice", "does not run each block once, in order"),
-    ("softcap", "soft-caps the logits"),
+    ("softcap", "soft-capped"),
 ])
 def test_probe_names_what_a_shell_does_differently(quirk, reason):
     with pytest.raises(UnsupportedModel, match=reason):

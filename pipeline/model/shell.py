@@ -220,8 +220,8 @@ def probe(model: nn.Module, model_type: str) -> Layout:
             tail.append(name)
             h = y
     if h is not out or not 1 <= len(tail) <= 2:
-        raise refuse("it does more than a final norm and a head after its blocks "
-                     "(e.g. scales or soft-caps the logits)")
+        raise refuse("after its blocks it does more than a final norm and a head module: "
+                     "its logits are scaled, soft-capped or computed from a weight directly")
     head, tied = tail[-1], tail[-1] == f"{embed}.as_linear"
     if not tied and head not in modules or len(tail) == 2 and tail[0] not in modules:
         raise refuse(f"its head or final norm is not a module call ({', '.join(tail)})")
