@@ -1,6 +1,6 @@
 """mlx-lm's own forward, run on one rank's share of the blocks.
 
-Every mlx-lm text model is an outer model (the head) around an inner one, its "shell": it
+Every mlx-lm text model is an outer model (with the head) around an inner one, its "shell": it
 embeds the tokens, builds each block's mask from the caches (causal, sliding window, linear
 attention's mask, per layer type), runs the blocks of its `layers` list in order and applies
 the final norm. A Shell keeps that code and replaces each entry of `layers` with a _Slot:
@@ -174,21 +174,38 @@ def probe(model: nn.Module, model_type: str) -> Layout:
         raise refuse(f"it makes {len(template)} caches for {len(blocks)} blocks (its "
                      f"blocks run more than once, or keep caches beside the blocks)")
 
+    calls, tokens, out = _record_forward(model, inner_path, blocks, template, refuse)
+    names = {f"{prefix}.{key}" if prefix else key
+             for prefix, owner in _owners(model, inner_path) for key in owner}
+    return _read_layout(calls, tokens, out, inner_path, names, template, refuse)
+
+
+def _owners(model: nn.Module, inner_path: str) -> list[tuple[str, nn.Module]]:
+    """(path, module) of the outer model and of each module down to the inner one."""
+    parts = inner_path.split(".") if inner_path else []
+    return [("", model)] + [(".".join(parts[: i + 1]), module_at(model, ".".join(parts[: i + 1])))
+                            for i in range(len(parts))]
+
+
+def _record_forward(model: nn.Module, inner_path: str, blocks: list, template: list, refuse):
+    """Run the model's forward on 3 tokens with pass-through blocks and every other module
+    on the way (embedding, norm, head, ...) recording its calls; then put them all back.
+    Returns (calls, tokens, output): a call is (name or block index, input, output or the
+    block's other arguments)."""
     calls: list = []
     swapped = []  # (owner, key, original) to put back
     parts = inner_path.split(".") if inner_path else []
-    owners = [("", model)] + [(".".join(parts[: i + 1]), module_at(model, ".".join(parts[: i + 1])))
-                              for i in range(len(parts))]
-    for depth, (prefix, owner) in enumerate(owners):
+    for depth, (prefix, owner) in enumerate(_owners(model, inner_path)):
         on_path = parts[depth] if depth < len(parts) else "layers"
         for key in [k for k, v in owner.items() if isinstance(v, nn.Module) and k != on_path]:
             name = f"{prefix}.{key}" if prefix else key
             swapped.append((owner, key, _swap(owner, key, _Recorder(name, owner[key], calls))))
-    swapped.append((inner, "layers", _swap(inner, "layers",
-                                           [_ProbeSlot(i, b, calls) for i, b in enumerate(blocks)])))
+    inner = module_at(model, inner_path)
+    slots = [_ProbeSlot(i, b, calls) for i, b in enumerate(blocks)]
+    swapped.append((inner, "layers", _swap(inner, "layers", slots)))
     tokens = mx.zeros((1, 3), mx.int32)
     try:
-        out = model(tokens, cache=template)
+        return calls, tokens, model(tokens, cache=template)
     except Exception as e:  # the reason is the model's own error, named in the refusal
         raise refuse(f"its forward fails when blocks pass the hidden state through "
                      f"({type(e).__name__}: {e})") from None
@@ -196,8 +213,13 @@ def probe(model: nn.Module, model_type: str) -> Layout:
         for owner, key, original in reversed(swapped):
             owner[key] = original
 
+
+def _read_layout(calls: list, tokens, out, inner_path: str, modules: set, template: list,
+                 refuse) -> Layout:
+    """The layout the recorded calls show, or the refusal for what they show instead.
+    modules: the names of the modules held by the outer model and those down to the inner."""
     steps = [c for c in calls if isinstance(c[0], int)]
-    if [c[0] for c in steps] != list(range(len(blocks))):
+    if [c[0] for c in steps] != list(range(len(template))):
         raise refuse("its forward does not run each block once, in order")
     for i, (_, x, (args, kwargs)) in enumerate(steps):
         given = [a for a in (*args, *kwargs.values()) if any(a is c for c in template)]
@@ -207,8 +229,6 @@ def probe(model: nn.Module, model_type: str) -> Layout:
         if i and x is not steps[i - 1][1]:
             raise refuse("its forward changes the hidden state between blocks "
                          "(its layers share state across blocks)")
-    modules = {f"{prefix}.{key}" if prefix else key for prefix, owner in owners
-               for key in owner}
     embeds = [c[0] for c in calls if not isinstance(c[0], int) and c[1] is tokens]
     if not embeds or embeds[0] not in modules or embeds[0].rpartition(".")[0] != inner_path:
         raise refuse("it does not embed the tokens with a module of its inner model")
