@@ -13,7 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MPIRUN = str(BIN / "mpirun")
-ARCHS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3", "tiny-phi3"]
+ARCHS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3", "tiny-phi3",
+         # mixtures of experts, and qwen3_next's hybrid of linear (recurrent) and full attention
+         "tiny-qwen3-moe", "tiny-deepseek-v3", "tiny-glm4-moe", "tiny-gpt-oss", "tiny-mixtral",
+         "tiny-qwen3-next"]
 
 
 def mpi_env() -> dict:

@@ -31,7 +31,9 @@ def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-@pytest.mark.parametrize("np_, arch", [(2, "tiny-llama"), (3, "tiny-gemma3"), (1, "tiny-qwen3")])
+@pytest.mark.parametrize("np_, arch", [(2, "tiny-llama"), (3, "tiny-gemma3"), (1, "tiny-qwen3"),
+                                       (2, "tiny-qwen3-moe"), (2, "tiny-deepseek-v3"),
+                                       (2, "tiny-qwen3-next")])
 def test_batch_equals_one_shot_oracle(model_dir, tmp_path, np_, arch):
     model = model_dir(arch)
     records = [{"id": f"p{i}", "prompt": p, "max_tokens": 6 + 3 * (i % 4)}

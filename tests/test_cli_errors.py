@@ -27,10 +27,17 @@ def test_unsupported_architecture(model_dir, tmp_path):
     for f in src.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
     config = json.loads((tmp_path / "config.json").read_text())
-    config["model_type"] = "rwkv7"
+    config["model_type"] = "no_such_arch"
     (tmp_path / "config.json").write_text(json.dumps(config))
     proc = run_pipeline(2, "--model", str(tmp_path), "--prompt", "hi", timeout=60)
-    assert_clean_failure(proc, "unsupported model_type 'rwkv7'")
+    assert_clean_failure(proc, "unsupported model_type 'no_such_arch'")
+    # granite divides its logits after the head: refused, saying so, before anything loads
+    config.update(model_type="granite", logits_scaling=4.0, attention_multiplier=0.25,
+                  embedding_multiplier=12.0, residual_multiplier=0.2, attention_bias=False,
+                  mlp_bias=False)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    proc = run_pipeline(2, "--model", str(tmp_path), "--prompt", "hi", timeout=60)
+    assert_clean_failure(proc, "model_type 'granite'", "after its blocks")
 
 
 def test_more_ranks_than_layers(model_dir):

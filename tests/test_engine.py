@@ -12,7 +12,7 @@ from collections import deque
 
 import pytest
 
-from conftest import reference_tokens
+from conftest import ARCHS, reference_tokens
 from helpers import NullTokenizer
 from pipeline.exec.driver import Driver
 from pipeline.exec.engine import Engine, Sequence
@@ -125,6 +125,19 @@ def test_engine_tokens_equal_mlx_lm(model_dir, split):
     for i, (prompt, n) in enumerate(zip(PROMPTS, max_tokens)):
         assert done[i] == reference_tokens(path, prompt, n), i
     assert not engine.table.batches and all(not w.table.batches for w in net.workers[1:])
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "tiny-olmo2", "tiny-gemma3-vl"])
+def test_engine_every_architecture_over_three_stages(model_dir, arch):
+    """Micro-batches of every cache kind (KV, sliding window, linear attention's recurrent
+    state, MoE layers' KV) join, decode and shrink like one sequence in mlx-lm; also for an
+    architecture no code here names (olmo2) and a multimodal checkpoint's text model."""
+    path = model_dir(arch)
+    engine = _engine(LocalNet(path, [2, 3, 2]), concurrency=3)
+    max_tokens = [6, 3, 5, 4, 7]
+    done = _run(engine, max_tokens)
+    for i, (prompt, n) in enumerate(zip(PROMPTS, max_tokens)):
+        assert done[i] == reference_tokens(path, prompt, n), i
 
 
 def test_engine_message_sequence(model_dir):
@@ -249,6 +262,33 @@ def test_chat_turns_use_run_requests_and_the_conversation_cache(model_dir):
     assert all(e[2] == 0 for e in net.log if e[1] == Op.FORWARD)
     offsets = {s.offset for s in net.stages}
     assert offsets == {len(turn2) + len(second) - 1}
+
+
+@pytest.mark.parametrize("arch", ["tiny-qwen3-next", "tiny-qwen3-moe"])
+def test_chat_turns_with_recurrent_or_moe_caches(model_dir, arch):
+    """A turn that extends the conversation reuses every cached token, recurrent state
+    included; one that would drop cached tokens re-prefills where a recurrent state
+    (qwen3_next's linear attention) cannot drop them, and says so in the log."""
+    path = model_dir(arch)
+    net = LocalNet(path, [2, 3, 2])
+    driver = _driver(net)
+    said: list[str] = []
+    driver.log = said.append
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    first = [t for t, _ in driver.generate(PROMPTS[0], params) if t >= 0]
+    turn2 = PROMPTS[0] + first[:-1] + [50, 51]
+    second = [t for t, _ in driver.generate(turn2, params) if t >= 0]
+    assert second == reference_tokens(path, turn2, 4)
+    assert driver.last_stats.cached_tokens == len(PROMPTS[0]) + len(first) - 1
+    turn3 = PROMPTS[0][:6] + [70, 71, 72]  # an edit of the first message: rewinds to 6 tokens
+    third = [t for t, _ in driver.generate(turn3, params) if t >= 0]
+    assert third == reference_tokens(path, turn3, 4)
+    recurrent = arch == "tiny-qwen3-next"
+    assert driver.last_stats.cached_tokens == (0 if recurrent else 6)
+    assert bool(said) == recurrent
+    if recurrent:
+        assert "recurrent state" in said[0] and "prefilling all 9 prompt tokens" in said[0]
+    assert {s.offset for s in net.stages} == {len(turn3) + len(third) - 1}
 
 
 def test_context_window_ends_generation_with_length(model_dir):

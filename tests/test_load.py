@@ -8,6 +8,7 @@ import pytest
 
 from conftest import ARCHS
 from pipeline.model.load import layer_of, load_stage, read_config, tensor_index
+from pipeline.model.shell import UnsupportedModel
 from pipeline.model.spec import ModelError
 from pipeline.place.split import layer_ranges
 
@@ -50,6 +51,19 @@ def test_rank_loads_exactly_its_share(model_dir, arch, kind):
         assert within_5_percent(held, share_bytes), (rank, held, share_bytes)
         assert peak <= 1.05 * share_bytes, (rank, peak, share_bytes)  # never the whole file
         del stage
+
+
+def test_quantized_moe_rank_reads_only_its_experts(model_dir):
+    """A 4-bit MoE checkpoint (experts stacked in switch layers): each of 2 ranks holds the
+    quantized experts of its own layers and nothing else."""
+    path = model_dir("tiny-qwen3-moe", quantize_bits=4)
+    config, index = read_config(path), tensor_index(path)
+    for rank, layer_range in enumerate(layer_ranges([4, 3])):
+        stage = load_stage(path, config, layer_range, with_head=rank == 0)
+        assert stage.loaded_names == index.share(layer_range, with_head=rank == 0)
+        experts = [n for n in stage.loaded_names if ".switch_mlp." in n]
+        assert {layer_of(n) for n in experts} == set(range(*layer_range))
+        assert {n.rsplit(".", 1)[1] for n in experts} == {"weight", "scales", "biases"}
 
 
 def test_cast_holds_the_cast_bytes(model_dir):
@@ -97,6 +111,9 @@ def test_config_errors(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelError, match="not valid JSON"):
         read_config(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "num_hidden_layers": 2}))
-    with pytest.raises(ValueError, match="unsupported model_type 'mamba'"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no_such_arch"}))
+    with pytest.raises(UnsupportedModel, match="unsupported model_type 'no_such_arch'"):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(ModelError, match="does not describe an mlx-lm llama model"):
         read_config(tmp_path)

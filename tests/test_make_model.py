@@ -12,7 +12,7 @@ from mlx_lm import load
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import _get_classes
 
-from pipeline.model.make_model import PRESETS, make_model, preset_config
+from pipeline.model.make_model import PRESETS, make_model, preset_config, text_config
 
 TINY = sorted(p for p in PRESETS if p.startswith("tiny-"))
 PROMPT = [{"role": "user", "content": "Tell me about the river."}]
@@ -69,7 +69,7 @@ def test_two_shards_split_by_layer_and_match_one_file(made, like):
     assert not (one / "model.safetensors.index.json").exists()
     assert set(mx.load(str(one / "model.safetensors"))) == set(weight_map)
 
-    n = json.loads((two / "config.json").read_text())["num_hidden_layers"]
+    n = text_config(json.loads((two / "config.json").read_text()))["num_hidden_layers"]
     file_of_layer = {}
     for name, f in weight_map.items():
         if ".layers." in name:
@@ -77,7 +77,8 @@ def test_two_shards_split_by_layer_and_match_one_file(made, like):
             assert file_of_layer.setdefault(layer, f) == f  # a layer lives in one file
     assert sorted(file_of_layer) == list(range(n))
     assert file_of_layer[0] == files[0] and file_of_layer[n - 1] == files[1]
-    assert weight_map["model.embed_tokens.weight"] == files[0]
+    embedding = next(k for k in weight_map if k.endswith("model.embed_tokens.weight"))
+    assert weight_map[embedding] == files[0]
 
     assert mx.array_equal(_logits(one), _logits(two))
 
@@ -86,10 +87,12 @@ def test_two_shards_split_by_layer_and_match_one_file(made, like):
 def test_quantized_4bit_loads_and_runs(made, like):
     path = made(like, quantize_bits=4)
     config = json.loads((path / "config.json").read_text())
-    assert config["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+    # group size 64, or 32 where an input dimension is not a multiple of 64 (small experts)
+    assert config["quantization"]["bits"] == 4 and config["quantization"]["mode"] == "affine"
+    assert config["quantization"]["group_size"] in (32, 64)
     assert config["quantization_config"] == config["quantization"]
     weights = mx.load(str(path / "model.safetensors"))
-    assert weights["model.layers.0.mlp.down_proj.weight"].dtype == mx.uint32
+    assert any(".layers.0." in k and v.dtype == mx.uint32 for k, v in weights.items())
     model, tokenizer = load(str(path))
     assert len(set(_greedy(model, tokenizer))) >= 3
 

@@ -23,6 +23,19 @@ def test_two_turns_stats_reset_quit(model_dir):
     assert "rank 1 (" in stats[0]  # per-rank figures
 
 
+def test_recurrent_model_reprefills_and_says_so(model_dir):
+    """qwen3_next's linear attention keeps a recurrent state, which cannot drop tokens: a
+    turn whose prompt does not extend every cached token (here the tiny model's answer does
+    not re-tokenize to the same ids) is prefilled whole, and --verbose says why."""
+    path = model_dir("tiny-qwen3-next")
+    proc = run_pipeline(2, "--model", str(path), "--max-tokens", "8", "-v",
+                        input="hello there\nand a second line\n/stats\n/quit\n", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "the model keeps a recurrent state, which cannot drop tokens" in proc.stderr
+    assert "prefilling all" in proc.stderr
+    assert "reused from cache" not in proc.stdout
+
+
 def test_end_of_input_exits_cleanly(model_dir):
     # Without mpirun: OpenMPI 5's mpirun does not pass end-of-input on to rank 0 (README).
     proc = run_pipeline(0, "--model", str(model_dir("tiny-qwen2")), "--max-tokens", "4",

@@ -62,7 +62,7 @@ class Driver:
 
     def __init__(self, comm, stage: Stage, tokenizer, weight_bytes: int,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, context: int | None = None,
-                 head_share_rows: int = 0, ring=None):
+                 head_share_rows: int = 0, ring=None, log=None):
         self.stage, self.tokenizer = stage, tokenizer
         self.ring = ring if ring is not None else (
             Ring(comm) if comm is not None and comm.Get_size() > 1 else None)
@@ -77,6 +77,7 @@ class Driver:
         self.last_stats: GenerationStats | None = None
         self.steps = 0  # forward steps, for the PIPELINE_FAULT test hook
         self._local: deque = deque()  # one rank: steps "sent round" to ourselves
+        self.log = log or (lambda msg: None)  # --verbose lines
 
     # -- the steps every command uses ----------------------------------------------------
     def request(self, request) -> None:
@@ -116,10 +117,15 @@ class Driver:
 
     # -- one conversation: one-shot and the REPL -----------------------------------------
     def _reusable_prefix(self, prompt: list[int]) -> int:
+        """How many cached tokens the next turn keeps: the common prefix, unless the caches
+        would have to drop tokens and cannot (a recurrent state, a wrapped sliding window)."""
         keep = min(_common_prefix(self.fed, prompt), len(prompt) - 1)
-        window = self.stage.min_window
-        if keep < len(self.fed) and window is not None and len(self.fed) >= window:
-            return 0  # a full sliding-window cache cannot rewind
+        if not self.stage.can_keep(keep, len(self.fed)):
+            why = ("a sliding-window cache has wrapped" if self.stage.rewindable else
+                   "the model keeps a recurrent state, which cannot drop tokens")
+            self.log(f"cannot reuse {keep} of {len(self.fed)} cached tokens ({why}): "
+                     f"prefilling all {len(prompt)} prompt tokens again")
+            return 0
         return keep
 
     def generate(self, prompt: list[int], sampling: SamplingParams) -> Iterator[tuple[int, str]]:

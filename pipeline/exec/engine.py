@@ -23,6 +23,7 @@ from pipeline.exec.head import (HeadSplit, SummaryCounts, combine_tops, greedy_r
                                 part_summary)
 from pipeline.exec.sampling import Sampler, SamplingParams, logprobs_of
 from pipeline.exec.worker import CacheTable
+from pipeline.model.shell import UnsupportedModel
 from pipeline.wire.protocol import Batch, Flag, Message, Op
 
 
@@ -51,6 +52,9 @@ class Engine:
 
     def __init__(self, driver: Driver, concurrency: int, microbatches: int | None = None):
         self.driver, self.stage = driver, driver.stage
+        if self.stage.batch_problem:
+            raise UnsupportedModel(f"{self.stage.model_type} cannot run batched: "
+                                   f"{self.stage.batch_problem}")
         self.size = driver.size
         self.concurrency = max(1, concurrency)
         self.microbatches = max(1, min(microbatches or self.size, self.concurrency))

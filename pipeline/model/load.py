@@ -19,22 +19,25 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.cache import RotatingKVCache
-from mlx_lm.utils import _get_classes, dequantize_model
+from mlx_lm.utils import _get_classes, dequantize_model, infer_quant_config
 
+from pipeline.model.shell import (SPECIAL_SHELLS, Layout, Shell, UnsupportedModel, cache_template,
+                                  module_at, probe, refusal)
 from pipeline.model.spec import META_PATTERNS, ModelError, hub_snapshot
-from pipeline.model.stage import Stage, check_supported
-
-
-
+from pipeline.model.stage import Stage
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# A multimodal checkpoint's other towers have layers of their own; mlx-lm drops them.
+_NOT_TEXT = re.compile(r"^(?:model\.)?(?:vision_tower|vision_model|visual|audio_tower|"
+                       r"multi_modal_projector|mm_projector)\.")
 
 
 def layer_of(name: str) -> int | None:
-    """Transformer block index of a tensor name, None for embedding/norm/head tensors."""
+    """Transformer block index of a tensor name, None for embedding/norm/head tensors (and
+    for a multimodal checkpoint's vision or audio tower, which rank 0 reads and drops)."""
     m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
+    return int(m.group(1)) if m and not _NOT_TEXT.match(name) else None
 
 
 def read_config(path: Path) -> dict:
@@ -47,10 +50,47 @@ def read_config(path: Path) -> dict:
         raise ModelError(f"{file} is not valid JSON ({e}): re-download or fix the file") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise ModelError(f"{file} has no model_type: not a transformer config")
-    check_supported(config["model_type"])
-    if not isinstance(config.get("num_hidden_layers"), int):
-        raise ModelError(f"{file} has no integer num_hidden_layers")
+    text = config.get("text_config")
+    if isinstance(text, dict):  # multimodal: the text model's sizes, for planning
+        config = {**{k: v for k, v in text.items() if k != "model_type"}, **config}
+    layers = check_supported(config)
+    if "num_hidden_layers" not in config:
+        config["num_hidden_layers"] = layers
+    if config["num_hidden_layers"] != layers:
+        raise ModelError(f"{file} says num_hidden_layers {config['num_hidden_layers']!r}, "
+                         f"but mlx-lm's {config['model_type']} builds {layers} blocks")
     return config
+
+
+def build_model(config: dict) -> nn.Module:
+    """mlx-lm's model for this config, its weights lazy (nothing is computed or read)."""
+    model_type = config["model_type"]
+    try:
+        model_class, args_class = _get_classes(config)
+    except ValueError:
+        raise UnsupportedModel(f"unsupported model_type '{model_type}': mlx-lm has no such "
+                               f"architecture") from None
+    try:
+        return model_class(args_class.from_dict(config))
+    except (TypeError, KeyError, ValueError, AttributeError, IndexError) as e:
+        raise ModelError(f"config.json does not describe an mlx-lm {model_type} model "
+                         f"({type(e).__name__}: {e})") from None
+
+
+_checked: dict[str, int] = {}
+
+
+def check_supported(config: dict) -> int:
+    """Refuse (UnsupportedModel, saying why) a model whose forward a share of its blocks
+    cannot run; else return its number of blocks. Builds the model lazily and probes it."""
+    if config["model_type"] in SPECIAL_SHELLS:
+        raise refusal(config["model_type"], SPECIAL_SHELLS[config["model_type"]])
+    key = json.dumps(config, sort_keys=True, default=str)
+    if key not in _checked:
+        model = build_model(config)
+        layout = probe(model, config["model_type"])
+        _checked[key] = len(module_at(model, layout.inner)["layers"])
+    return _checked[key]
 
 
 def safetensors_header(file: Path) -> dict:
@@ -94,21 +134,28 @@ class TensorIndex:
         return per_layer, other
 
     def share(self, layer_range: tuple[int, int], with_head: bool,
-              head_share: bool = False) -> list[str]:
+              head_share: bool = False, head_parts: tuple[str, ...] = ()) -> list[str]:
         """Tensors of these layers (plus embedding, norm and head with_head; plus the norm
-        and the head's matrix with head_share: the last rank's share of the head)."""
+        and the head's matrix with head_share: the last rank's share of the head, under the
+        prefixes head_parts, by default the usual names)."""
         start, end = layer_range
         return sorted(
             n for n in self.file_of
-            if (i := layer_of(n)) is None and (with_head or head_share and _head_part(n))
+            if (i := layer_of(n)) is None and (
+                with_head or head_share and _head_part(n, head_parts))
             or i is not None and start <= i < end
         )
 
 
-def _head_part(name: str) -> bool:
+_HEAD_PART = re.compile(r"^(?:language_model\.)?(?:model\.norm|lm_head|model\.embed_tokens)\.")
+
+
+def _head_part(name: str, prefixes: tuple[str, ...] = ()) -> bool:
     """A tensor the last rank needs for its share of the head (either kind of head: the
     one the model does not use is not loaded)."""
-    return name.startswith(("model.norm.", "lm_head.", "model.embed_tokens."))
+    if prefixes:
+        return name.startswith(tuple(f"{p}." for p in prefixes))
+    return bool(_HEAD_PART.match(name))
 
 
 def tensor_index(path: Path, repo: str | None = None, sizes: bool = True) -> TensorIndex:
@@ -167,6 +214,8 @@ def resolve_dtype(flag: str | None) -> str | None:
 
 
 def _quantize_like_checkpoint(model: nn.Module, config: dict, weights: dict) -> None:
+    """Quantize the modules the checkpoint holds quantized, as mlx-lm's load_model does
+    (per-path settings from the config, else read off the stored shapes)."""
     q = config.get("quantization") or config.get("quantization_config")
     if not q or "bits" not in q:
         return
@@ -174,10 +223,52 @@ def _quantize_like_checkpoint(model: nn.Module, config: dict, weights: dict) -> 
     def predicate(path, module):
         if path in q:
             return q[path]
-        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_quant_config(path, module, weights)
 
     nn.quantize(model, group_size=q.get("group_size", 64), bits=q["bits"],
                 mode=q.get("mode", "affine"), class_predicate=predicate)
+
+
+def _read_weights(path: Path, index: TensorIndex, names: list[str]) -> dict:
+    """The named tensors, lazily: data is read from the files only when evaluated."""
+    by_file: dict[str, list[str]] = {}
+    for n in names:
+        by_file.setdefault(index.file_of[n], []).append(n)
+    weights = {}
+    for f, wanted in by_file.items():
+        safetensors_header(path / f)  # names a truncated or corrupted file before loading it
+        try:
+            tensors = mx.load(str(path / f))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise ModelError(f"cannot read weights file {path / f} ({e}): re-download it") from None
+        missing = [n for n in wanted if n not in tensors]
+        if missing:
+            raise ModelError(f"{path / f} lacks tensor {missing[0]} named in the index")
+        weights.update((n, tensors[n]) for n in wanted)
+    return weights
+
+
+def _head_paths(layout: Layout) -> tuple[str, ...]:
+    """Checkpoint prefixes of the final norm and of either kind of head."""
+    embed = f"{layout.inner}.{layout.embed}" if layout.inner else layout.embed
+    return tuple(p for p in (layout.norm, layout.head, embed) if p)
+
+
+def _other_parts(model: nn.Module, layout: Layout) -> dict:
+    """Prefix -> module (or array) of everything outside the blocks: embedding, final norm,
+    head and whatever else the model keeps beside its `layers`."""
+    parts = layout.inner.split(".") if layout.inner else []
+    out, node, prefix = {}, model, ""
+    for depth in range(len(parts) + 1):
+        skip = parts[depth] if depth < len(parts) else "layers"
+        for k, v in node.items():
+            if k != skip and isinstance(v, (nn.Module, mx.array)):
+                out[f"{prefix}.{k}" if prefix else k] = v
+        if depth < len(parts):
+            node, prefix = node[skip], f"{prefix}.{skip}" if prefix else skip
+    return out
 
 
 def load_stage(path: Path, config: dict, layer_range: tuple[int, int], with_head: bool,
@@ -186,85 +277,68 @@ def load_stage(path: Path, config: dict, layer_range: tuple[int, int], with_head
     """Build the model lazily with mlx-lm's classes and materialize only this rank's share.
 
     head_share_rows > 0 (the last rank): also the final norm and the head's first rows."""
+    model = build_model(config)
+    layout = probe(model, config["model_type"])
     index = tensor_index(path, repo, sizes=False)
-    names = index.share(layer_range, with_head, head_share=head_share_rows > 0)
-    by_file: dict[str, list[str]] = {}
-    for n in names:
-        by_file.setdefault(index.file_of[n], []).append(n)
+    names = index.share(layer_range, with_head, head_share=head_share_rows > 0,
+                        head_parts=_head_paths(layout))
     if repo is not None:
-        path = hub_snapshot(repo, [*META_PATTERNS, *by_file])
-    weights = {}
-    for f, wanted in by_file.items():
-        safetensors_header(path / f)  # names a truncated or corrupted file before loading it
-        try:
-            tensors = mx.load(str(path / f))  # lazy: data is read only when evaluated
-        except (RuntimeError, ValueError, OSError) as e:
-            raise ModelError(f"cannot read weights file {path / f} ({e}): re-download it") from None
-        missing = [n for n in wanted if n not in tensors]
-        if missing:
-            raise ModelError(f"{path / f} lacks tensor {missing[0]} named in the index")
-        weights.update((n, tensors[n]) for n in wanted)
-
-    model_class, args_class = _get_classes(config)
-    args = args_class.from_dict(config)
-    model = model_class(args)
+        path = hub_snapshot(repo, [*META_PATTERNS, *{index.file_of[n] for n in names}])
+    weights = _read_weights(path, index, names)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     _quantize_like_checkpoint(model, config, weights)
+    layout = probe(model, config["model_type"])  # after sanitize: the head it really uses
 
-    inner = model.model
     start, end = layer_range
-    stage = Stage(
-        args=args,
-        model_type=config["model_type"],
-        layer_range=layer_range,
-        layers=inner.layers[start:end],
-        cache_factory=getattr(model, "make_cache", None),
-    )
+    modules = {f"{layout.layers}.{i}": module_at(model, layout.layers)[i]
+               for i in range(start, end)}
     if with_head:
-        stage.embed_tokens = inner.embed_tokens
-        stage.norm = inner.norm
-        stage.lm_head = model.get("lm_head") if "lm_head" in model else None
+        modules.update(_other_parts(model, layout))
     elif head_share_rows > 0:
-        stage.norm = inner.norm
-        separate = "lm_head" in model
-        stage.head_share = model["lm_head"] if separate else inner.embed_tokens
-        stage.head_share_name = "lm_head" if separate else "model.embed_tokens"
-    held = held_parameters(stage)
-
+        modules.update((p, module_at(model, p)) for p in (layout.norm, layout.head) if p)
+    held = _flatten(modules)
     # Checkpoint names are the model's parameter names (after sanitize).
     missing = sorted(set(held) - set(weights))
     if missing:
         raise ModelError(f"checkpoint in '{path}' lacks {len(missing)} tensors, e.g. {missing[0]}")
     model.load_weights([(n, w) for n, w in weights.items() if n in held], strict=False)
+    # Whole-model transforms are lazy: only this rank's modules are ever computed.
     if dequantize:
-        _dequantize(stage)
+        model = dequantize_model(model)
     if dtype is not None:
-        target = DTYPES[dtype]
-        _cast_floats(stage, target)
-    if stage.head_share is not None:
+        _cast_floats(model, DTYPES[dtype])
+    modules = {p: module_at(model, p) for p in modules}  # dequantized modules are new ones
+    owner = module_at(model, layout.inner.rpartition(".")[0])
+    stage = Stage(args=getattr(owner, "args", getattr(model, "args", None)),
+                  model_type=config["model_type"], layer_range=layer_range,
+                  layers=[modules[f"{layout.layers}.{i}"] for i in range(start, end)],
+                  modules=modules)
+    if with_head:
+        stage.embed_tokens = module_at(model, f"{layout.inner}.{layout.embed}".lstrip("."))
+        stage.lm_head = None if layout.tied else module_at(model, layout.head)
+    if with_head or head_share_rows > 0:
+        stage.norm = module_at(model, layout.norm) if layout.norm else None
+    if head_share_rows > 0 and not with_head:
+        stage.head_share, stage.head_share_name = module_at(model, layout.head), layout.head
         _keep_rows(stage.head_share, head_share_rows)
-    mx.eval(list(held_parameters(stage).values()))
-    stage.cache_factory = _bind_cache_factory(model)
-    if stage.cache_factory is not None:
-        windows = [c.max_size for c in stage.cache_factory() if isinstance(c, RotatingKVCache)]
-        stage.min_window = min(windows, default=None)
+    held = held_parameters(stage)
+    mx.eval(list(held.values()))
     stage.loaded_names = sorted(held)
+
+    template = cache_template(model, len(module_at(model, layout.layers)))
+    stage.cache_factory = lambda: [copy.deepcopy(c) for c in template]
+    stage.min_window = min((c.max_size for c in _all_caches(template)
+                            if isinstance(c, RotatingKVCache)), default=None)
+    stage.rewindable = all(c.is_trimmable() for c in template)
+    stage.shell = Shell(model, layout, layer_range, template)
     return stage
 
 
-def _module_tree(stage: Stage) -> dict:
-    start, _ = stage.layer_range
-    tree = {f"model.layers.{start + i}": layer for i, layer in enumerate(stage.layers)}
-    if stage.embed_tokens is not None:
-        tree["model.embed_tokens"] = stage.embed_tokens
-        tree["model.norm"] = stage.norm
-    if stage.lm_head is not None:
-        tree["lm_head"] = stage.lm_head
-    if stage.head_share is not None:
-        tree["model.norm"] = stage.norm
-        tree[stage.head_share_name] = stage.head_share
-    return tree
+def _all_caches(caches: list) -> list:
+    """Caches, with those inside a CacheList."""
+    return [x for c in caches for x in (_all_caches(list(c.caches)) if hasattr(c, "caches")
+                                        else [c])]
 
 
 def _keep_rows(module: nn.Module, rows: int) -> None:
@@ -276,45 +350,28 @@ def _keep_rows(module: nn.Module, rows: int) -> None:
     module.update(tree_map(first_rows, module.parameters()))
 
 
-def held_parameters(stage: Stage) -> dict[str, mx.array]:
+def _flatten(modules: dict) -> dict[str, mx.array]:
     out = {}
-    for prefix, module in _module_tree(stage).items():
-        for n, a in tree_flatten(module.parameters()):
-            out[f"{prefix}.{n}"] = a
+    for prefix, m in modules.items():
+        if isinstance(m, mx.array):
+            out[prefix] = m
+        else:
+            out.update((f"{prefix}.{n}", a) for n, a in tree_flatten(m.parameters()))
     return out
 
 
-def _dequantize(stage: Stage) -> None:
-    """Quantized layers back to dense ones (mlx-lm's dequantize_model on this rank's modules):
-    on a CPU, quantized matmuls are several times slower than float32 ones."""
-    holder = nn.Module()
-    holder.layers = stage.layers
-    for name in ("embed_tokens", "lm_head", "head_share"):
-        if getattr(stage, name) is not None:
-            setattr(holder, name, getattr(stage, name))
-    dequantize_model(holder)
-    stage.layers = holder.layers
-    for name in ("embed_tokens", "lm_head", "head_share"):
-        if name in holder:
-            setattr(stage, name, holder[name])
+def held_parameters(stage: Stage) -> dict[str, mx.array]:
+    """This rank's parameters by checkpoint name."""
+    return _flatten(stage.modules)
 
 
-def _cast_floats(stage: Stage, dtype) -> None:
+def _cast_floats(model: nn.Module, dtype) -> None:
     """Every floating parameter to `dtype`, quantization scales and biases included (a
     quantized product then runs in `dtype`, like the rest of the stage)."""
     def cast(a):
         return a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
 
-    for module in _module_tree(stage).values():
-        module.update(tree_map(cast, module.parameters()))
-
-
-def _bind_cache_factory(model: nn.Module):
-    """Cache layout for the whole model without keeping the model (and its lazy weights)."""
-    if not hasattr(model, "make_cache"):
-        return None
-    kinds = model.make_cache()  # cheap: empty cache objects
-    return lambda: [copy.deepcopy(c) for c in kinds]
+    model.update(tree_map(cast, model.parameters()))
 
 
 def resident_bytes(stage: Stage) -> int:

@@ -62,6 +62,63 @@ PRESETS: dict[str, dict] = {
     # Fused qkv_proj and gate_up_proj.
     "tiny-phi3": dict(_TINY, model_type="phi3", architectures=["Phi3ForCausalLM"],
                       rope_theta=10000.0, tie_word_embeddings=False),
+    # Mixture-of-experts presets: 4 experts, 2 per token, small expert MLPs.
+    "tiny-qwen3-moe": dict(_TINY, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
+                           head_dim=16, rope_theta=1e6, rms_norm_eps=1e-6, num_experts=4,
+                           num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+                           moe_intermediate_size=32, norm_topk_prob=True,
+                           tie_word_embeddings=False),
+    # Multi-head latent attention (compressed keys/values), a dense first layer, one shared
+    # expert, sigmoid routing over 2 groups.
+    "tiny-deepseek-v3": dict(_TINY, model_type="deepseek_v3",
+                             architectures=["DeepseekV3ForCausalLM"], num_key_value_heads=4,
+                             moe_intermediate_size=32, n_shared_experts=1, n_routed_experts=4,
+                             num_experts_per_tok=2, n_group=2, topk_group=1,
+                             routed_scaling_factor=1.5, kv_lora_rank=16, q_lora_rank=32,
+                             qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                             first_k_dense_replace=1, moe_layer_freq=1, rope_theta=10000.0,
+                             tie_word_embeddings=False),
+    # Partial rotary embedding, q/k norms, a dense first layer.
+    "tiny-glm4-moe": dict(_TINY, model_type="glm4_moe", architectures=["Glm4MoeForCausalLM"],
+                          head_dim=16, moe_intermediate_size=32, n_shared_experts=1,
+                          n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                          routed_scaling_factor=1.0, first_k_dense_replace=1,
+                          norm_topk_prob=True, use_qk_norm=True, attention_bias=False,
+                          partial_rotary_factor=0.5, rope_theta=10000.0, rope_scaling=None,
+                          tie_word_embeddings=False),
+    # Sliding (8 tokens) and full attention alternate; attention sinks; experts with biases.
+    "tiny-gpt-oss": dict(_TINY, model_type="gpt_oss", architectures=["GptOssForCausalLM"],
+                         head_dim=16, intermediate_size=64, num_local_experts=4,
+                         num_experts_per_tok=2, sliding_window=8, rope_theta=150000.0,
+                         layer_types=["sliding_attention", "full_attention"] * 3
+                         + ["sliding_attention"], tie_word_embeddings=False),
+    "tiny-mixtral": dict(_TINY, model_type="mixtral", architectures=["MixtralForCausalLM"],
+                         num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6,
+                         tie_word_embeddings=False),
+    # Hybrid: gated delta-net linear attention (recurrent state, ArraysCache) with full
+    # attention every 3rd layer (2 and 5), so a rank of 2 layers may hold only linear ones.
+    "tiny-qwen3-next": dict(_TINY, model_type="qwen3_next", architectures=["Qwen3NextForCausalLM"],
+                            head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2,
+                            linear_key_head_dim=16, linear_value_head_dim=16,
+                            linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
+                            decoder_sparse_step=1, shared_expert_intermediate_size=32,
+                            mlp_only_layers=[], moe_intermediate_size=32, norm_topk_prob=True,
+                            rope_theta=1e6, partial_rotary_factor=0.25,
+                            full_attention_interval=3, rms_norm_eps=1e-6,
+                            tie_word_embeddings=False),
+    # An architecture no code here names: q/k norms over whole projections, post-norms.
+    "tiny-olmo2": dict(_TINY, model_type="olmo2", architectures=["Olmo2ForCausalLM"],
+                       rope_theta=500000.0, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    # Multimodal checkpoint layout: a text model nested under `text_config`, its weights
+    # under `language_model.` (Gemma 3 style); only the text part exists here.
+    "tiny-gemma3-vl": dict(model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"],
+                           vocab_size=TINY_VOCAB, text_config=dict(
+                               _TINY, model_type="gemma3_text", head_dim=16,
+                               query_pre_attn_scalar=16, sliding_window=8,
+                               sliding_window_pattern=3, rope_theta=1e6,
+                               rope_local_base_freq=10000.0, rms_norm_eps=1e-6),
+                           vision_config=dict(model_type="siglip_vision_model"),
+                           tie_word_embeddings=True),
     "smollm2-135m": dict(model_type="llama", architectures=["LlamaForCausalLM"],
                          hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
                          num_attention_heads=9, num_key_value_heads=3, head_dim=64,
@@ -176,11 +233,16 @@ def preset_config(like: str, num_layers: int | None = None) -> dict:
     if num_layers is not None:
         if num_layers < 1:
             raise ValueError("num_layers must be at least 1")
-        config["num_hidden_layers"] = num_layers
+        text_config(config)["num_hidden_layers"] = num_layers
     config["bos_token_id"] = None
     config["eos_token_id"] = SPECIAL_TOKENS.index("<|im_end|>")
     config["pad_token_id"] = SPECIAL_TOKENS.index("<|endoftext|>")
     return config
+
+
+def text_config(config: dict) -> dict:
+    """The text model's part of a config (multimodal configs nest it under text_config)."""
+    return config.get("text_config", config)
 
 
 def _random_tensor(name: str, shape: tuple, seed: int, model_type: str) -> mx.array:
@@ -196,8 +258,8 @@ def _random_tensor(name: str, shape: tuple, seed: int, model_type: str) -> mx.ar
     key = mx.random.key((seed % 2**32) << 32 | zlib.crc32(f"{model_type}:{name}".encode()))
     leaf = name.rsplit(".", 1)[-1]
     if "norm" in name:
-        # gemma3 RMSNorm multiplies by (1 + weight): zero there means unit gain.
-        return mx.zeros(shape) if model_type == "gemma3_text" else mx.ones(shape)
+        # gemma RMSNorm multiplies by (1 + weight): zero there means unit gain.
+        return mx.zeros(shape) if model_type.startswith("gemma") else mx.ones(shape)
     if leaf == "bias":
         return 0.1 * mx.random.normal(shape, key=key)
     std = 0.02 if "embed_tokens" in name else 2.0 * shape[-1] ** -0.5
@@ -241,7 +303,7 @@ def make_model(like: str, out_dir, *, dtype: str = "float32", seed: int = 0,
     if quantize_bits not in (None, 4, 8):
         raise ValueError("quantize_bits must be None, 4 or 8")
     config = preset_config(like, num_layers)
-    n_layers = config["num_hidden_layers"]
+    n_layers = text_config(config)["num_hidden_layers"]
     if not 1 <= shards <= n_layers:
         raise ValueError(f"shards must be between 1 and the layer count ({n_layers})")
     out = Path(out_dir)
@@ -255,13 +317,14 @@ def make_model(like: str, out_dir, *, dtype: str = "float32", seed: int = 0,
         for k, v in tree_flatten(model.parameters())
     }
     if config["tie_word_embeddings"]:
-        weights.pop("lm_head.weight", None)
+        for k in [k for k in weights if k.endswith("lm_head.weight")]:
+            del weights[k]
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)  # e.g. gemma3_text drops its lm_head here
     model.load_weights(list(weights.items()), strict=True)
 
     if quantize_bits is not None:
-        in_dims = [v.shape[-1] for k, v in weights.items() if v.ndim == 2]
+        in_dims = [v.shape[-1] for k, v in weights.items() if v.ndim >= 2]  # experts: 3-D
         group_size = 64 if all(d % 64 == 0 for d in in_dims) else 32
         with contextlib.redirect_stdout(io.StringIO()):  # silence its "[INFO] bpw" line
             model, config = quantize_model(model, config, group_size, quantize_bits)

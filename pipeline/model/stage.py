@@ -1,9 +1,9 @@
 """One rank's share of the model: a contiguous slice of mlx-lm transformer blocks.
 
-The blocks, caches, norms and heads are mlx-lm's own modules; this file only owns the loop
-over a slice of layers and the few per-architecture details of the model's outer shell
-(embedding scale, which layers use a sliding window) that mlx-lm keeps inside each
-model's `__call__`.
+The blocks, caches, norms and heads are mlx-lm's own modules, and so is the code between
+them: the model's own forward runs this rank's blocks (shell.py), building masks, sliding
+windows and per-layer-type choices as mlx-lm does. This file owns what a rank holds (its
+caches, the embedding, final norm and head on rank 0) and the head's products.
 """
 
 from __future__ import annotations
@@ -14,37 +14,9 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
-from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
-
-def _gemma_embed_scale(args, h: mx.array) -> mx.array:
-    # gemma3 scales embeddings by sqrt(hidden), rounded through bfloat16 like mlx-lm does.
-    return h * mx.array(args.hidden_size**0.5, mx.bfloat16).astype(h.dtype)
-
-
-# model_type -> embedding post-processing (None: plain lookup). Every entry is covered by the
-# oracle tests (pipeline tokens == single-process mlx-lm tokens).
-SUPPORTED_MODEL_TYPES = {
-    "llama": None,
-    "mistral": None,
-    "qwen2": None,
-    "qwen3": None,
-    "gemma3_text": _gemma_embed_scale,
-    "phi3": None,
-}
-
-
-class UnsupportedModel(ValueError):
-    pass
-
-
-def check_supported(model_type: str) -> None:
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        names = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
-        raise UnsupportedModel(
-            f"unsupported model_type '{model_type}': pipeline runs {names}"
-        )
+from pipeline.model.shell import Shell, UnsupportedModel  # noqa: F401 (UnsupportedModel: API)
 
 
 # On a CPU with OpenBLAS, `x @ W.T` for a few rows of x runs far below the machine's speed
@@ -89,12 +61,18 @@ def use_rows_first(stage: "Stage") -> int:
     return switched
 
 
-def _is_sliding(layer: nn.Module) -> bool:
-    # llama-style blocks say `use_sliding`; gemma3 keeps `is_sliding` on the attention.
-    if getattr(layer, "use_sliding", False):
-        return True
-    attn = getattr(layer, "self_attn", None)
-    return bool(getattr(attn, "is_sliding", False))
+def cache_batch_problem(caches: list) -> str | None:
+    """Why caches of these kinds cannot join a micro-batch (None: they can). mlx-lm's batch
+    caches come from `merge` (KVCache -> BatchKVCache, RotatingKVCache ->
+    BatchRotatingKVCache, ArraysCache and CacheList merge themselves)."""
+    for cache in caches:
+        if not hasattr(type(cache), "merge"):
+            return (f"mlx-lm's {type(cache).__name__} has no batched form (no merge): "
+                    f"batch, serve and bench need one")
+        problem = cache_batch_problem(list(getattr(cache, "caches", ())))
+        if problem:
+            return problem
+    return None
 
 
 @dataclass
@@ -116,6 +94,7 @@ class Stage:
     caches: list = field(default_factory=list)
     loaded_names: list = field(default_factory=list)  # parameter names materialized here
     min_window: int | None = None  # smallest sliding window in the whole model, if any
+    rewindable: bool = True  # every cache kind of the model can drop its last tokens
     compute_s: float = 0.0  # time spent running this stage (for per-stage figures)
     rows_first: bool = False  # tied head as (E @ h.T).T too (see RowsFirstLinear)
     # The last rank of a ring of 2 or more may hold the first rows of the head (the
@@ -123,6 +102,9 @@ class Stage:
     # that part of each decode step's logits (see engine.py: the shared head).
     head_share: nn.Module | None = None
     head_share_name: str = ""  # its checkpoint prefix: "lm_head" or "model.embed_tokens"
+    shell: Shell | None = None  # the model's own forward over these layers (shell.py)
+    modules: dict = field(default_factory=dict)  # checkpoint prefix -> module held here
+    length: int = 0  # tokens in the conversation's caches
 
     @property
     def has_head(self) -> bool:
@@ -134,33 +116,50 @@ class Stage:
             return self.cache_factory()[start:end]
         return [KVCache() for _ in range(end - start)]
 
+    @property
+    def batch_problem(self) -> str | None:
+        """Why this model's caches cannot be batched (None: they can)."""
+        if self.cache_factory is None:
+            return None
+        return cache_batch_problem(self.cache_factory())
+
     def reset(self) -> None:
         self.caches = self.make_caches()
+        self.length = 0
 
     @property
     def offset(self) -> int:
-        return self.caches[0].offset if self.caches else 0
+        return self.length
+
+    def can_keep(self, keep: int, length: int) -> bool:
+        """Whether caches holding `length` tokens can drop all but the first `keep`: not a
+        recurrent state (ArraysCache), nor a sliding window that has already wrapped."""
+        if keep >= length:
+            return True
+        if not self.rewindable:
+            return False
+        return self.min_window is None or length < self.min_window
 
     def trim_to(self, keep: int) -> None:
         """Keep the first `keep` cached tokens (0 clears the caches)."""
         if not self.caches or keep == 0:
             self.reset()
             return
-        excess = self.offset - keep
+        excess = self.length - keep
         if excess < 0:
-            raise ValueError(f"cannot keep {keep} tokens, cache holds {self.offset}")
+            raise ValueError(f"cannot keep {keep} tokens, cache holds {self.length}")
         if excess and all(c.is_trimmable() for c in self.caches):
             for c in self.caches:
                 c.trim(excess)
+            self.length = keep
         elif excess:
-            self.reset()  # a full rotating cache cannot rewind; caller re-prefills
+            self.reset()  # a recurrent or full rotating cache cannot rewind
             raise ValueError("cache cannot be trimmed")
 
     def embed(self, tokens: mx.array) -> mx.array:
-        # tokens: [B, L] -> h: [B, L, D]
-        h = self.embed_tokens(tokens)
-        post = SUPPORTED_MODEL_TYPES.get(self.model_type)
-        return post(self.args, h) if post else h
+        """tokens: [B, L] -> h: [B, L, D], as the model feeds its first block (any scaling
+        the model applies to its embeddings included)."""
+        return self.shell.embed(tokens)
 
     def forward(self, h: mx.array, caches: list | None = None, progress=None) -> mx.array:
         """Run this stage's layers on h: [B, L, D], updating `caches` (default: the
@@ -170,20 +169,13 @@ class Stage:
             if not self.caches:
                 self.reset()
             caches = self.caches
-        window = getattr(self.args, "sliding_window", None)
-        for layer, cache in zip(self.layers, caches):
-            mask = create_attention_mask(
-                h, cache, window_size=window if _is_sliding(layer) else None
-            )
-            h = layer(h, mask, cache)
-            if progress is not None:
-                mx.eval(h)
-                progress()
-        return h
+            self.length += h.shape[1]
+        return self.shell.forward(h, caches, progress)
 
     def final_norm(self, h: mx.array) -> mx.array:
         """Final norm of the last position: h: [B, L, D] -> [B, D]."""
-        return self.norm(h[:, -1:, :])[:, 0, :]
+        h = h[:, -1:, :]
+        return (h if self.norm is None else self.norm(h))[:, 0, :]
 
     @property
     def head(self) -> nn.Module:
