@@ -45,12 +45,8 @@ def test_an_architecture_nobody_listed(model_dir, np_):
     check(np_, model_dir("tiny-olmo2"))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the planner's KV estimate reads the multimodal wrapper's args, which "
-                          "lack the text model's heads (pipeline/place/cost.py)")
 def test_multimodal_checkpoint_runs_its_text_model(model_dir):
-    # Gemma 3 layout: config with text_config, weights under language_model. The stages
-    # run it (tests/test_engine.py); the job's planning does not yet.
+    # Gemma 3 layout: config with text_config, weights under language_model.
     check(2, model_dir("tiny-gemma3-vl"))
 
 

@@ -31,7 +31,8 @@ from pipeline.place.planner import DEFAULT_MEMORY_FRACTION
 from pipeline.place.split import SplitError, check_rank_count, layer_ranges
 from pipeline.place.cost import default_max_context
 from pipeline.place.preflight import measure_cluster, preflight_plan
-from pipeline.model.stage import UnsupportedModel, use_rows_first
+from pipeline.model.shell import UnsupportedModel
+from pipeline.model.stage import use_rows_first
 
 # launch/mpirun turns Ctrl-C into SIGUSR1, which mpirun forwards to every rank (a SIGINT to
 # mpirun itself would end the job): rank 0 takes it as Ctrl-C, the other ranks ignore it.

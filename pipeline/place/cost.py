@@ -56,10 +56,17 @@ def _lazy_model(config: dict) -> nn.Module:
     return model_class(args_class.from_dict(config))  # parameters stay unevaluated
 
 
+def _args(model: nn.Module):
+    """The text model's args: a multimodal wrapper (Gemma 3, Qwen3-VL, ...) nests its text
+    model as `language_model`, whose args hold the heads and layer sizes."""
+    inner = getattr(model, "language_model", None)
+    return inner.args if hasattr(inner, "args") else model.args
+
+
 def _tied(model: nn.Module, config: dict) -> bool:
     """Whether the embedding doubles as the head: the model's args say, else the config
     (deepseek_v3's and gemma3_text's args lack the field), else whether it has an lm_head."""
-    tied = getattr(model.args, "tie_word_embeddings", None)
+    tied = getattr(_args(model), "tie_word_embeddings", None)
     if tied is None:
         tied = config.get("tie_word_embeddings")
     return not hasattr(model, "lm_head") if tied is None else bool(tied)
@@ -103,7 +110,7 @@ def _token_reads(per_layer: list[int], tensors: list[tuple[str, int, int]], mode
             n = len(listed[m.group(1)])
         if not n:
             continue
-        k = min(experts_per_token(model.args, i) or n, n)  # top-k unknown: every expert read
+        k = min(experts_per_token(_args(model), i) or n, n)  # top-k unknown: every expert read
         reads[i] -= nbytes * (n - k) // n
         experts, top_k = experts or n, top_k or k
     return reads, experts, top_k
@@ -126,7 +133,7 @@ def _quantize(model: nn.Module, quantization: dict) -> None:
 
 def _kv_token_bytes(model: nn.Module, element_bytes: int) -> int:
     """Keys + values one token adds to one layer's cache."""
-    args = model.args
+    args = _args(model)
     heads = args.num_attention_heads
     latent = getattr(args, "kv_lora_rank", None)
     if latent:  # multi-head latent attention (DeepSeek-V2/V3, Kimi-K2, ...)
