@@ -18,7 +18,7 @@ from pipeline.errors import EXIT_USAGE
 from pipeline.model.gguf import GGUFError
 from pipeline.model.load import read_config
 from pipeline.model.spec import ModelError, resolve_model
-from pipeline.model.stage import UnsupportedModel
+from pipeline.model.shell import UnsupportedModel
 from pipeline.place.cluster import CapacityError, measure_capacity
 from pipeline.place.cost import default_max_context, model_cost, quantized_alternatives
 from pipeline.place.hostfile import HostfileError

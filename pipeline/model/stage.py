@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 from mlx_lm.models.cache import KVCache
 
-from pipeline.model.shell import Shell, UnsupportedModel  # noqa: F401 (UnsupportedModel: API)
+from pipeline.model.shell import Shell
 
 
 # On a CPU with OpenBLAS, `x @ W.T` for a few rows of x runs far below the machine's speed
