@@ -291,8 +291,7 @@ def test_unsupported_tensor_type(tmp_path):
 def test_cached_model_converts_once(tmp_path, monkeypatch):
     src = tmp_path / "tiny.gguf"
     write_tiny_gguf(src)
-    monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "cache"))
-    first = pg.cached_mlx_model(src)
+    first = pg.cached_mlx_model(src, tmp_path / "cache" / "models")
     assert first.parent == tmp_path / "cache" / "models" and first.name.startswith("tiny-")
     assert (first / "config.json").is_file()
 
@@ -300,7 +299,7 @@ def test_cached_model_converts_once(tmp_path, monkeypatch):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(pg, "convert_gguf", no_convert)
-    assert pg.cached_mlx_model(src) == first
+    assert pg.cached_mlx_model(src, tmp_path / "cache" / "models") == first
 
 
 def test_convert_keeps_a_folder_another_process_finished(tmp_path):

