@@ -341,7 +341,9 @@ class Shell:
             x = self._feeding
         y = block(x, *args, **kwargs)
         if self._progress is not None:
-            mx.eval(y)
+            # On a GPU, queue the layer and go on (a host round trip per layer would stall the
+            # GPU); on the CPU the layer computes here, between two calls into MPI.
+            (mx.async_eval if mx.default_device() == mx.gpu else mx.eval)(y)
             self._progress()
         if index == self.end - 1:
             self._taken = y
