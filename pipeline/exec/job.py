@@ -175,7 +175,7 @@ def start(opts: Options, comm=None):
             print(f"pipeline: warning: rank {r} ({host}): {note}", file=sys.stderr, flush=True)
     context = opts.max_context or default_max_context(config)
     return Driver(comm, stage, tokenizer, weight_bytes, opts.prefill_chunk, context,
-                  head_share_rows=plan["head_share_rows"])
+                  head_share_rows=plan["head_share_rows"], log=log)
 
 
 def abort_on_error(comm, exc: BaseException, verbose: bool) -> None:
