@@ -278,6 +278,10 @@ def bench_cmd(
                                         "plots, e.g. the link [default: N ranks]."),
     from_json: Optional[str] = typer.Option(None, "--from-json", help="No benchmark: plot these "
                                             "runs' JSON files (comma-separated) with --plot."),
+    speculative: bool = typer.Option(False, "--speculative", help="Instead: one chat's decode "
+                                     "tok/s with and without prompt lookup, on edit prompts "
+                                     "and plain questions (acceptance, tokens per pass)."),
+    num_draft_tokens: int = NUM_DRAFT_TOKENS,
     split: Optional[str] = SPLIT, dtype: Optional[str] = DTYPE,
     dequantize: Optional[bool] = DEQUANTIZE, distribute: Optional[bool] = DISTRIBUTE,
     share_head: bool = SHARE_HEAD, verbose: bool = VERBOSE,
@@ -305,6 +309,14 @@ def bench_cmd(
             _int_list(prefill_chunks, "--prefill-chunks"), json_out, plot_out, label)
     if repeats < 1 or warmup < 0:
         _fail("--repeats must be at least 1 and --warmup at least 0")
+    if speculative:
+        from pipeline.commands.bench_spec import run_speculative_bench
+
+        if num_draft_tokens < 1:
+            _fail("--num-draft-tokens must be at least 1")
+        _run(opts, lambda d: run_speculative_bench(d, gen_tokens, repeats, warmup,
+                                                   num_draft_tokens, json_out, label))
+        return
     from mpi4py import MPI
 
     links = probe_links(MPI.COMM_WORLD)  # collective: each ring link, before the model loads
