@@ -305,3 +305,26 @@ def test_one_shot_draft_model_over_two_ranks(model_dir):
     off = run_json(2, *args, "--no-prompt-lookup")
     on = run_json(2, *args, "--draft-model", str(model_dir("tiny-qwen2")))
     assert on["tokens"] == off["tokens"] and on["drafted"] > 0
+
+
+def test_bench_speculative_fields(model_dir, tmp_path):
+    """bench --speculative on the in-process ring: every prompt gives the same tokens with and
+    without drafting, and the JSON carries the figures the table shows."""
+    import json
+
+    from mlx_lm.utils import load_tokenizer
+
+    from pipeline.commands.bench_spec import PROMPTS, run_speculative_bench
+
+    path = model_dir("tiny-llama")
+    driver = _driver(LocalNet(path, [7]))  # (the in-process ring answers no stats request)
+    driver.tokenizer = load_tokenizer(path)
+    out = tmp_path / "spec.json"
+    results = run_speculative_bench(driver, 12, 1, 0, 4, out, label="tiny")
+    assert json.loads(out.read_text()) == results
+    assert [r["prompt"] for r in results["speculative"]] == [p[1] for p in PROMPTS]
+    for r in results["speculative"] + results["kinds"]:
+        assert r["same_tokens"] and r["tokens_per_pass"] >= 1
+        assert r["decode_tps_off"] > 0 and r["decode_tps_on"] > 0
+    assert [k["kind"] for k in results["kinds"]] == ["edit", "question"]
+    assert driver.drafting is None
