@@ -205,7 +205,12 @@ class Speculation:
         logits = self.stage.head_logits(self.stage.norm(h)[0])  # [L, V]
         verdict = verify(logits, chunk[1:], sampler)
         self.plain_next = verdict.near_tie
+        pauses = self.control.pauses
         self.control.record(len(chunk) - 1, verdict.accepted)
+        if self.control.pauses > pauses:
+            self.log(f"drafting paused for {self.control.paused_for} steps: under "
+                     f"{MIN_ACCEPTANCE:.0%} of the proposals of the last {WINDOW} passes "
+                     f"were accepted")
         return verdict
 
     def extend(self, tokens: list[int]) -> None:

@@ -6,6 +6,8 @@ from the last rank (when the step asked for it, Flag.RETURN) to be normed, proje
 logits and sampled here. Prefill is pipelined for free: rank 0 posts chunk k and goes
 straight on to chunk k+1, so the stages work on different chunks at the same time. With one
 rank the "ring" is a local queue. Batch generation (engine.py) drives the same steps.
+One conversation may send its current token with proposed ones as one chunk and keep what
+the model itself would have produced (speculative decoding: draft.py, verify.py).
 """
 
 from __future__ import annotations
