@@ -328,3 +328,19 @@ def test_bench_speculative_fields(model_dir, tmp_path):
         assert r["decode_tps_off"] > 0 and r["decode_tps_on"] > 0
     assert [k["kind"] for k in results["kinds"]] == ["edit", "question"]
     assert driver.drafting is None
+
+
+def test_bad_drafting_flags_end_the_job_with_one_line(model_dir):
+    from conftest import run_pipeline
+    from pipeline.model.spec import resolve_model
+
+    tiny = str(model_dir("tiny-llama"))
+    proc = run_pipeline(0, "--model", tiny, "--prompt", "hi", "--num-draft-tokens", "0")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "pipeline: error: --num-draft-tokens must be at least 1")
+    proc = run_pipeline(2, "--model", tiny, "--prompt", "hi", "--draft-model",
+                        str(resolve_model(None)))  # SmolLM2: another tokenizer
+    assert proc.returncode == 2
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("pipeline: error:")]
+    assert len(errors) == 1 and "has another tokenizer than the model" in errors[0]
