@@ -29,6 +29,7 @@ START_DRAFT = 4  # proposals per pass at first
 WINDOW = 8  # passes with proposals over which the acceptance rate is judged
 MIN_ACCEPTANCE = 0.2  # below this rate over a window, drafting pauses
 PAUSE_MIN, PAUSE_MAX = 16, 256  # plain steps of a pause; it doubles while probes fail
+PREFILL_CHUNK = 512  # tokens per forward pass when a draft model catches up with the history
 
 
 @dataclass
@@ -102,10 +103,11 @@ class DraftModel:
             keep = 0
         self.fed = self.fed[:keep]
         todo = self.tokens[keep:]
-        for i in range(0, len(todo) - 1, 512):
-            mx.eval(self.stage.forward(self.stage.embed(mx.array([todo[i : min(i + 512,
-                                                                             len(todo) - 1)]]))))
-        self.fed.extend(todo[:-1])
+        prefill = todo[:-1]
+        for i in range(0, len(prefill), PREFILL_CHUNK):
+            h = self.stage.forward(self.stage.embed(mx.array([prefill[i : i + PREFILL_CHUNK]])))
+            mx.eval(h)
+        self.fed.extend(prefill)
         token, out = todo[-1], []
         for _ in range(k):
             logits = self.stage.logits(self.stage.forward(self.stage.embed(mx.array([[token]]))))
@@ -190,8 +192,8 @@ class Speculation:
             self.plain_next = False
             return []
         k = min(self.control.wanted(), remaining - 1)
-        if self.limit is not None:
-            room = self.limit - 1 - self.stage.offset - 1  # the chunk must end below the window
+        if self.limit is not None:  # the caches must stay below the window after the chunk
+            room = self.limit - self.stage.offset - 2  # k + 1 positions: offset + k + 1 < limit
             if room < 1 and k > 0:
                 self.off = f"the sliding window ({self.limit} tokens) is full"
                 self.log(f"drafting off for this conversation: {self.off}")
