@@ -25,6 +25,7 @@ from typing import Optional  # noqa: E402
 
 import typer  # noqa: E402
 
+from pipeline.exec.draft import DEFAULT_NUM_DRAFT_TOKENS  # noqa: E402
 from pipeline.exec.driver import DEFAULT_PREFILL_CHUNK  # noqa: E402
 from pipeline.exec.sampling import DEFAULT_MAX_TOKENS, SamplingParams  # noqa: E402
 from pipeline.serve.server import (  # noqa: E402
@@ -132,6 +133,15 @@ DISTRIBUTE = typer.Option(None, "--distribute/--no-distribute",
                           "(rank 0 downloads, sends); --no-distribute: stop instead. "
                           "Default: send when needed.")
 
+PROMPT_LOOKUP = typer.Option(True, "--prompt-lookup/--no-prompt-lookup",
+                             help="Speculative decoding: propose the tokens that followed the "
+                             "last few tokens earlier in the prompt or answer, and let the "
+                             "model check several at once (same tokens as without).")
+NUM_DRAFT_TOKENS = typer.Option(DEFAULT_NUM_DRAFT_TOKENS, "--num-draft-tokens",
+                                help="The most tokens proposed per pass (adapts below that).")
+DRAFT_MODEL = typer.Option(None, "--draft-model", help="Speculative decoding with proposals "
+                           "from this small model (same tokenizer), held by rank 0 only.")
+
 SHARE_HEAD = typer.Option(True, "--share-head/--no-share-head",
                           help="With 2+ ranks the last one holds part of the head's rows and "
                           "computes that part of every batched decode step, as much as evens "
@@ -176,7 +186,8 @@ def main(
     as_json: bool = typer.Option(False, "--json", help="One-shot: print a JSON object with tokens and stats."),
     hostfile: Optional[str] = HOSTFILE, max_context: Optional[int] = MAX_CONTEXT,
     memory_fraction: float = MEMORY_FRACTION, distribute: Optional[bool] = DISTRIBUTE,
-    verbose: bool = VERBOSE,
+    prompt_lookup: bool = PROMPT_LOOKUP, num_draft_tokens: int = NUM_DRAFT_TOKENS,
+    draft_model: Optional[str] = DRAFT_MODEL, verbose: bool = VERBOSE,
 ):
     """Chat with (or, with --prompt, run once) an LLM split by layers across MPI ranks."""
     if ctx.invoked_subcommand is not None:
@@ -187,12 +198,18 @@ def main(
                     max_context, memory_fraction, distribute)
     if prompt is not None and not prompt.strip():
         _fail("--prompt is empty: give some text")
-    from pipeline.commands.chat import run_one_shot, run_repl
+    if num_draft_tokens < 1:
+        _fail("--num-draft-tokens must be at least 1 (--no-prompt-lookup turns drafting off)")
+    from pipeline.commands.chat import run_one_shot, run_repl, set_drafting
 
-    if prompt is not None:
-        _run(opts, lambda d: run_one_shot(d, prompt, system, chat, sampling, as_json))
-    else:
-        _run(opts, lambda d: run_repl(d, system, chat, sampling))
+    def body(driver):
+        set_drafting(driver, prompt_lookup, num_draft_tokens, draft_model, opts)
+        if prompt is not None:
+            run_one_shot(driver, prompt, system, chat, sampling, as_json)
+        else:
+            run_repl(driver, system, chat, sampling)
+
+    _run(opts, body)
 
 
 @app.command("batch")
@@ -261,6 +278,10 @@ def bench_cmd(
                                         "plots, e.g. the link [default: N ranks]."),
     from_json: Optional[str] = typer.Option(None, "--from-json", help="No benchmark: plot these "
                                             "runs' JSON files (comma-separated) with --plot."),
+    speculative: bool = typer.Option(False, "--speculative", help="Instead: one chat's decode "
+                                     "tok/s with and without prompt lookup, on edit prompts "
+                                     "and plain questions (acceptance, tokens per pass)."),
+    num_draft_tokens: int = NUM_DRAFT_TOKENS,
     split: Optional[str] = SPLIT, dtype: Optional[str] = DTYPE,
     dequantize: Optional[bool] = DEQUANTIZE, distribute: Optional[bool] = DISTRIBUTE,
     share_head: bool = SHARE_HEAD, verbose: bool = VERBOSE,
@@ -288,6 +309,14 @@ def bench_cmd(
             _int_list(prefill_chunks, "--prefill-chunks"), json_out, plot_out, label)
     if repeats < 1 or warmup < 0:
         _fail("--repeats must be at least 1 and --warmup at least 0")
+    if speculative:
+        from pipeline.commands.bench_spec import run_speculative_bench
+
+        if num_draft_tokens < 1:
+            _fail("--num-draft-tokens must be at least 1")
+        _run(opts, lambda d: run_speculative_bench(d, gen_tokens, repeats, warmup,
+                                                   num_draft_tokens, json_out, label))
+        return
     from mpi4py import MPI
 
     links = probe_links(MPI.COMM_WORLD)  # collective: each ring link, before the model loads

@@ -9,6 +9,7 @@ import signal
 import sys
 from dataclasses import asdict
 
+from pipeline.exec.draft import DraftOptions, load_draft_model
 from pipeline.exec.driver import Driver, GenerationStats
 from pipeline.exec.job import INTERRUPTS
 from pipeline.exec.sampling import SamplingParams
@@ -22,11 +23,26 @@ HELP = """commands:
 End a line with \\ to continue the message on the next line; pasted lines stay together."""
 
 
+def set_drafting(driver: Driver, prompt_lookup: bool, num_draft_tokens: int,
+                 draft_model: str | None, opts) -> None:
+    """Speculative decoding for one-shot and the REPL (exec/draft.py): proposals from
+    --draft-model, else prompt lookup unless --no-prompt-lookup."""
+    if draft_model is not None:
+        model = load_draft_model(draft_model, driver.tokenizer, opts.dtype, opts.dequantize)
+        driver.log(f"draft model {draft_model}: {len(model.stage.layers)} layers on rank 0")
+        driver.drafting = DraftOptions(num_draft_tokens=num_draft_tokens, draft_model=model)
+    elif prompt_lookup:
+        driver.drafting = DraftOptions(num_draft_tokens=num_draft_tokens)
+
+
 def format_stats(stats: GenerationStats, ranks: list[dict]) -> list[str]:
     lines = [
         f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tok/s"
         + (f" ({stats.cached_tokens} reused from cache)" if stats.cached_tokens else ""),
-        f"generation: {stats.generation_tokens} tokens, {stats.generation_tps:.1f} tok/s",
+        f"generation: {stats.generation_tokens} tokens, {stats.generation_tps:.1f} tok/s"
+        + (f" ({stats.accepted} of {stats.drafted} proposals accepted, "
+           f"{stats.generation_tokens / stats.passes:.2f} tokens per pass)"
+           if stats.drafted else ""),
         f"time to first token: {stats.ttft_s:.3f} s ({stats.finish_reason})",
     ]
     for r in ranks:

@@ -6,6 +6,8 @@ from the last rank (when the step asked for it, Flag.RETURN) to be normed, proje
 logits and sampled here. Prefill is pipelined for free: rank 0 posts chunk k and goes
 straight on to chunk k+1, so the stages work on different chunks at the same time. With one
 rank the "ring" is a local queue. Batch generation (engine.py) drives the same steps.
+One conversation may send its current token with proposed ones as one chunk and keep what
+the model itself would have produced (speculative decoding: draft.py, verify.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Iterator
 import mlx.core as mx
 
 from pipeline.exec import worker
+from pipeline.exec.draft import DraftOptions, Speculation
 from pipeline.exec.sampling import Sampler, SamplingParams, logprobs_of
 from pipeline.exec.worker import injected_fault, rank_stats
 from pipeline.model.stage import Stage
@@ -37,6 +40,9 @@ class GenerationStats:
     ttft_s: float = 0.0
     finish_reason: str = ""
     tokens: list[int] = field(default_factory=list)
+    passes: int = 0  # decode passes round the ring (speculative ones carry several tokens)
+    drafted: int = 0  # tokens proposed by drafting
+    accepted: int = 0  # of which the model's own decoding produced
 
 
 def check_prompt(prompt: list[int], context: int | None) -> None:
@@ -77,6 +83,7 @@ class Driver:
         self.last_stats: GenerationStats | None = None
         self.steps = 0  # forward steps, for the PIPELINE_FAULT test hook
         self._local: deque = deque()  # one rank: steps "sent round" to ourselves
+        self.drafting: DraftOptions | None = None  # speculative decoding in generate()
         self.log = log or (lambda msg: None)  # --verbose lines
 
     # -- the steps every command uses ----------------------------------------------------
@@ -148,6 +155,11 @@ class Driver:
         self.interrupted = False
         start = time.perf_counter()
         todo = prompt[keep:]
+        spec = None
+        if self.drafting is not None:
+            spec = Speculation(self.drafting, self.stage, prompt, self.log)
+            if spec.off:
+                self.log(f"drafting off for this conversation: {spec.off}")
         try:
             # Like mlx-lm: prefill all but the last prompt token, which starts decoding.
             self.prefill(todo[:-1], None)
@@ -155,22 +167,25 @@ class Driver:
             token, first = todo[-1], None
             stats.finish_reason = "length"
             while stats.generation_tokens < budget:
-                self.step(mx.array([[token]]), None, flags=Flag.RETURN)
-                self.fed.append(token)
-                logits = self.stage.logits(self.collect().h)  # [1, V]
-                token = sampler(logprobs_of(logits))
-                if first is None:
-                    first = time.perf_counter()
-                    stats.ttft_s = first - start
-                stats.generation_tokens += 1
-                stats.tokens.append(token)
-                if token in eos:
-                    stats.finish_reason = "stop"
-                    break
-                detok.add_token(token)
-                yield token, detok.last_segment
-                if self.interrupted:
-                    stats.finish_reason = "interrupted"
+                taken = self._decode_pass(token, spec, sampler, eos,
+                                          budget - stats.generation_tokens, stats)
+                token = taken[-1] if taken else token
+                stopped = False
+                for t in taken:
+                    if first is None:
+                        first = time.perf_counter()
+                        stats.ttft_s = first - start
+                    stats.generation_tokens += 1
+                    stats.tokens.append(t)
+                    if t in eos:
+                        stats.finish_reason, stopped = "stop", True
+                        break
+                    detok.add_token(t)
+                    yield t, detok.last_segment
+                    if self.interrupted:
+                        stats.finish_reason, stopped = "interrupted", True
+                        break
+                if stopped:
                     break
         finally:
             self.send(Message(Op.END))
@@ -182,6 +197,40 @@ class Driver:
         stats.prompt_tps = stats.prompt_tokens / stats.ttft_s if stats.ttft_s else 0.0
         if stats.generation_tokens > 1:
             stats.generation_tps = (stats.generation_tokens - 1) / (end - first)
+
+    def _decode_pass(self, token: int, spec: Speculation | None, sampler: Sampler, eos: set,
+                     left: int, stats: GenerationStats) -> list[int]:
+        """One trip round the ring from `token` (with proposals when drafting): the tokens it
+        gives, up to the first EOS and at most `left`. Without proposals this is the plain
+        decode step; with them, see draft.py."""
+        chunk = [token] + (spec.propose(left) if spec is not None else [])
+        self.step(mx.array([chunk]), None, flags=Flag.RETURN)
+        h = self.collect().h
+        stats.passes += 1
+        if len(chunk) == 1:
+            new = [sampler(logprobs_of(self.stage.logits(h)))]  # [1, V] -> token
+        else:
+            verdict = spec.verify(h, chunk, sampler)
+            new = verdict.tokens
+            stats.drafted += len(chunk) - 1
+            stats.accepted += verdict.accepted
+        taken = min(left, next((i + 1 for i, t in enumerate(new) if t in eos), len(new)))
+        self._keep(chunk, taken)
+        if len(chunk) > 1:
+            sampler.skip(taken)  # the draws of the positions taken (a plain step drew its own)
+        if spec is not None:
+            spec.extend(new[:taken])
+        return new[:taken]
+
+    def _keep(self, chunk: list[int], taken: int) -> None:
+        """After a pass over chunk whose first `taken` predictions were taken: those positions
+        join the conversation, the others are trimmed from every rank's caches (rank 0 here,
+        the others by an Op.TRIM that reaches them before the next step)."""
+        self.fed.extend(chunk[:taken])
+        extra = len(chunk) - taken
+        if extra:
+            self.send(Message(Op.TRIM, payload=[extra]))
+            self.stage.trim_to(self.stage.offset - extra)
 
     def reset(self) -> None:
         """Forget the conversation; the next request clears every rank's cache (keep=0)."""

@@ -61,12 +61,35 @@ class Sampler:
 
     def __call__(self, logprobs: mx.array) -> int:
         """logprobs: [1, V] (one row, as mlx-lm samples it)."""
-        p = self.params
-        if p.greedy:
+        if self.params.greedy:
             return int(mx.argmax(logprobs, axis=-1).item())
         self._key, sub = mx.random.split(self._key)
+        return self.draw(logprobs, sub)
+
+    def scores(self, logprobs: mx.array) -> mx.array:
+        """What the categorical draw sees: top-p, then min-p, then 1/temperature."""
+        p = self.params
         if 0 < p.top_p < 1:
             logprobs = apply_top_p(logprobs, p.top_p)
         if p.min_p != 0:
             logprobs = apply_min_p(logprobs, p.min_p)
-        return int(mx.random.categorical(logprobs * (1.0 / p.temp), key=sub).item())
+        return logprobs * (1.0 / p.temp)
+
+    def draw(self, logprobs: mx.array, key: mx.array) -> int:
+        """The token drawn from logprobs: [1, V] with the sub-key `key` (see next_keys)."""
+        return int(mx.random.categorical(self.scores(logprobs), key=key).item())
+
+    def next_keys(self, n: int) -> list[mx.array]:
+        """The sub-keys of the next n draws, without using them up (speculative decoding
+        verifies several positions at once, then skip()s the draws it took)."""
+        keys, key = [], self._key
+        for _ in range(n):
+            key, sub = mx.random.split(key)
+            keys.append(sub)
+        return keys
+
+    def skip(self, n: int) -> None:
+        """Use up n draws, as n calls would."""
+        if not self.params.greedy:
+            for _ in range(n):
+                self._key, _ = mx.random.split(self._key)

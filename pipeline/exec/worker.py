@@ -82,6 +82,8 @@ class CacheTable:
                     cache.filter(keep)
             else:
                 del self.batches[msg.mb]
+        elif msg.op == Op.TRIM:  # the conversation's rejected proposals (exec/draft.py)
+            self.stage.trim_to(self.stage.offset - msg.payload[0])
 
     def clear(self) -> None:
         self.batches.clear()

@@ -7,7 +7,7 @@ Two kinds of traffic, on separate MPI tags:
 - requests (TAG_REQ), small Python objects from rank 0 to every other rank, which say what
   the ring messages that follow belong to (a chat turn, a batch), and stats replies (TAG_STATS).
 
-Every rank applies the control ops (OPEN, JOIN, FILTER, END) in the order they travel the
+Every rank applies the control ops (OPEN, JOIN, FILTER, TRIM, END) in the order they travel the
 ring, so the cache tables of all ranks stay alike without any other synchronization.
 """
 
@@ -28,6 +28,8 @@ class Op(IntEnum):
     OPEN = 3  # new empty caches for id `mb` (a sequence about to be prefilled)
     JOIN = 4  # merge the caches of the ids in the payload into micro-batch `mb`
     FILTER = 5  # keep only the rows in the payload of micro-batch `mb` (empty: drop it)
+    TRIM = 6  # drop the last payload[0] positions of the conversation's caches (mb 0): the
+    #           proposals a speculative pass rejected
 
 
 class Flag(IntFlag):
@@ -72,7 +74,7 @@ class Message:
     mb: int = 0  # micro-batch (or prefilling sequence) id; 0 is the conversation
     flags: Flag = Flag.NONE
     h: mx.array | None = None  # FORWARD: [B, L, D]
-    payload: list[int] = field(default_factory=list)  # JOIN: ids; FILTER: rows to keep
+    payload: list[int] = field(default_factory=list)  # JOIN: ids; FILTER: rows; TRIM: [n]
     head_rows: int = 0  # HEAD/LOGITS: vocabulary rows [0, head_rows) the last stage computes
     busy_us: int = 0  # on the way back: the last stage's compute time for this step
     part: object = None  # the last stage's head share: HEAD float64 [B, cols], LOGITS [B, C]
