@@ -1,0 +1,58 @@
+"""The flags several commands share (mlx_lm's names where it has them), defined once."""
+
+import typer
+
+from pipeline.exec.draft import DEFAULT_NUM_DRAFT_TOKENS
+from pipeline.exec.driver import DEFAULT_PREFILL_CHUNK
+from pipeline.exec.sampling import DEFAULT_MAX_TOKENS
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "checkpoint")
+
+# Options shared by the chat/one-shot entry and the batch command (mlx_lm's flag names).
+MODEL = typer.Option(None, "--model", "-m", help="Model folder, .gguf file or Hugging Face repo. "
+                     "Default: embedded SmolLM2-135M-Instruct.")
+MAX_TOKENS = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", help="Tokens to generate at most.")
+TEMP = typer.Option(0.0, "--temp", help="Sampling temperature; 0 is greedy.")
+TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1].")
+MIN_P = typer.Option(0.0, "--min-p", help="Minimum probability relative to the top token.")
+SEED = typer.Option(None, "--seed", help="Random seed for sampling.")
+SYSTEM = typer.Option(None, "--system", help="System prompt (chat mode).")
+CHAT = typer.Option(None, "--chat/--no-chat",
+                    help="Apply the chat template [default: on if the tokenizer has one].")
+SPLIT = typer.Option(None, "--split", help="Layers per rank, e.g. 10,12,8 (must sum to the layer count).")
+DTYPE = typer.Option(None, "--dtype", help="Cast floating weights (quantization scales included): "
+                     "float32, float16 or bfloat16; checkpoint: cast nothing, as mlx-lm (same "
+                     "tokens) [default: float32 on CPU (faster), checkpoint on GPU].")
+PREFILL_CHUNK = typer.Option(DEFAULT_PREFILL_CHUNK, "--prefill-chunk",
+                             help="Prompt tokens per pipelined prefill chunk.")
+DEQUANTIZE = typer.Option(None, "--dequantize/--no-dequantize",
+                          help="Expand quantized weights to dense ones at load (faster on CPU, more "
+                          "memory) [default: only for the embedded model on CPU].")
+IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Generate max-tokens even after EOS.")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="Per-rank logs on stderr.")
+HOSTFILE = typer.Option(None, "--hostfile", help="Hostfile whose `# pipeline: mem=48G` comments "
+                        "cap each host's memory for the placement (same file as mpirun's).")
+MAX_CONTEXT = typer.Option(None, "--max-context", help="KV-cache tokens each rank must have room "
+                           "for [default: the model's context length, else 8192].")
+MEMORY_FRACTION = typer.Option(0.8, "--memory-fraction",
+                               help="Share of each rank's memory the placement may use.")
+DISTRIBUTE = typer.Option(None, "--distribute/--no-distribute",
+                          help="Send each rank the model files it lacks or holds differently "
+                          "from rank 0 (sha256-checked); --distribute also for hub repos "
+                          "(rank 0 downloads, sends); --no-distribute: stop instead. "
+                          "Default: send when needed.")
+
+PROMPT_LOOKUP = typer.Option(True, "--prompt-lookup/--no-prompt-lookup",
+                             help="Speculative decoding: propose the tokens that followed the "
+                             "last few tokens earlier in the prompt or answer, and let the "
+                             "model check several at once (same tokens as without).")
+NUM_DRAFT_TOKENS = typer.Option(DEFAULT_NUM_DRAFT_TOKENS, "--num-draft-tokens",
+                                help="The most tokens proposed per pass (adapts below that).")
+DRAFT_MODEL = typer.Option(None, "--draft-model", help="Speculative decoding with proposals "
+                           "from this small model (same tokenizer), held by rank 0 only.")
+
+SHARE_HEAD = typer.Option(True, "--share-head/--no-share-head",
+                          help="With 2+ ranks the last one holds part of the head's rows and "
+                          "computes that part of every batched decode step, as much as evens "
+                          "out the stages' measured time (costs it up to 3/4 of the head's "
+                          "memory; dropped when that does not fit).")
