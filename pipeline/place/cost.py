@@ -183,13 +183,22 @@ def config_cost(config: dict, dtype: str | None = None,
         else:
             per_layer[i] += size
             tensors.append((name, i, size))
+    return _cost(model, config, per_layer, tensors, head, matrix, tied, dtype, quantization,
+                 "config.json shapes")
+
+
+def _cost(model, config: dict, per_layer: list[int], tensors: list, head: int, matrix: int,
+          tied: bool, dtype: str, quantization: dict | None, source: str) -> ModelCost:
+    """The ModelCost of sized tensors: KV layout and per-token reads from the model, the held
+    dtype, a description naming the bits (quantized) or the dtype, and where sizes came from."""
     kv, windows = _kv_layout(model, config, ELEMENT_BYTES[dtype])
     reads, experts, top_k = _token_reads(per_layer, tensors, model)
-    what = f"{quantization['bits']}-bit" if quantization and "bits" in quantization else dtype
+    q = quantization or {}
+    what = f"{q['bits']}-bit" if "bits" in q else dtype
     return ModelCost(tuple(per_layer), head, kv, windows,
                      hidden_bytes=config["hidden_size"] * ELEMENT_BYTES[dtype], dtype=dtype,
                      description=f"{_summary(config, tied, experts, top_k)}, {what} "
-                                 f"(from config.json shapes)",
+                                 f"(from {source})",
                      head_matrix_bytes=matrix, vocab=_vocab(config),
                      layer_read_bytes=tuple(reads), experts=experts, experts_per_token=top_k)
 
@@ -251,16 +260,8 @@ def _checkpoint_cost(path: Path, config: dict, dtype: str | None) -> ModelCost |
             tensors.append((name, i, nbytes))
     if dtype is not None:
         held = dtype
-    kv, windows = _kv_layout(model, config, ELEMENT_BYTES[held])
-    reads, experts, top_k = _token_reads(per_layer, tensors, model)
-    q = config.get("quantization") or {}
-    what = f"{q['bits']}-bit" if "bits" in q else held
-    return ModelCost(tuple(per_layer), head, kv, windows,
-                     hidden_bytes=config["hidden_size"] * ELEMENT_BYTES[held], dtype=held,
-                     description=f"{_summary(config, tied, experts, top_k)}, {what} "
-                                 f"(from safetensors headers)",
-                     head_matrix_bytes=matrix, vocab=_vocab(config),
-                     layer_read_bytes=tuple(reads), experts=experts, experts_per_token=top_k)
+    return _cost(model, config, per_layer, tensors, head, matrix, tied, held,
+                 config.get("quantization"), "safetensors headers")
 
 
 def model_cost(path: Path, config: dict, dtype: str | None = None) -> ModelCost:
