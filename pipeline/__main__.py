@@ -19,6 +19,10 @@ from pipeline.exec.blas import ensure_fast_blas  # noqa: E402
 
 ensure_fast_blas()  # re-execs with OpenBLAS preloaded; must run before mlx is imported
 
+from pipeline.wire import mpi  # noqa: E402
+
+mpi.start()  # MLX starts MPI (tensor-parallel groups), then mpi4py joins it
+
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
@@ -30,7 +34,7 @@ from pipeline.exec.sampling import DEFAULT_MAX_TOKENS, SamplingParams  # noqa: E
 from pipeline.flags import (  # noqa: E402
     CHAT, DEQUANTIZE, DISTRIBUTE, DRAFT_MODEL, DTYPE, DTYPE_NAMES, HOSTFILE, IGNORE_EOS,
     MAX_CONTEXT, MAX_TOKENS, MEMORY_FRACTION, MIN_P, MODEL, NUM_DRAFT_TOKENS, PREFILL_CHUNK,
-    PROMPT_LOOKUP, SEED, SHARE_HEAD, SPLIT, SYSTEM, TEMP, TOP_P, VERBOSE,
+    OBJECTIVES, OPTIMIZE, PROMPT_LOOKUP, SEED, SHARE_HEAD, SPLIT, SYSTEM, TEMP, TOP_P, TP, VERBOSE,
 )
 from pipeline.serve.server import (  # noqa: E402
     API_KEY_ENV, DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PORT,
@@ -101,7 +105,8 @@ def _run(opts, body) -> None:
 
 
 def _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, hostfile=None,
-             max_context=None, memory_fraction=0.8, distribute=None, share_head=False):
+             max_context=None, memory_fraction=0.8, distribute=None, share_head=False,
+             tp=None, optimize=None, default_objective="chat"):
     """Check what every rank can check alone, then the job's options."""
     from pipeline.model.load import resolve_dtype
     from pipeline.exec.job import Options
@@ -118,10 +123,15 @@ def _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, 
         _fail(f"--memory-fraction {memory_fraction} is outside (0, 1]")
     if max_context is not None and max_context < 1:
         _fail("--max-context must be at least 1")
+    if tp is not None and tp < 1:
+        _fail("--tp must be at least 1")
+    if optimize is not None and optimize not in OBJECTIVES:
+        _fail(f"--optimize {optimize} is not one of {', '.join(OBJECTIVES)}")
     return Options(model=model, split=split, dtype=resolve_dtype(dtype), verbose=verbose,
                    prefill_chunk=prefill_chunk, dequantize=dequantize, hostfile=hostfile,
                    max_context=max_context, memory_fraction=memory_fraction,
-                   distribute=distribute, share_head=share_head)
+                   distribute=distribute, share_head=share_head, tp=tp,
+                   objective=optimize or default_objective)
 
 
 @app.callback(invoke_without_command=True)
@@ -138,7 +148,8 @@ def main(
     hostfile: Optional[str] = HOSTFILE, max_context: Optional[int] = MAX_CONTEXT,
     memory_fraction: float = MEMORY_FRACTION, distribute: Optional[bool] = DISTRIBUTE,
     prompt_lookup: bool = PROMPT_LOOKUP, num_draft_tokens: int = NUM_DRAFT_TOKENS,
-    draft_model: Optional[str] = DRAFT_MODEL, verbose: bool = VERBOSE,
+    draft_model: Optional[str] = DRAFT_MODEL, tp: Optional[int] = TP,
+    optimize: Optional[str] = OPTIMIZE, verbose: bool = VERBOSE,
 ):
     """Chat with (or, with --prompt, run once) an LLM split by layers across MPI ranks."""
     if ctx.invoked_subcommand is not None:
@@ -146,7 +157,7 @@ def main(
     sampling = SamplingParams(temp=temp, top_p=top_p, min_p=min_p, seed=seed,
                         max_tokens=max_tokens, ignore_eos=ignore_eos)
     opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, hostfile,
-                    max_context, memory_fraction, distribute)
+                    max_context, memory_fraction, distribute, tp=tp, optimize=optimize)
     if prompt is not None and not prompt.strip():
         _fail("--prompt is empty: give some text")
     if num_draft_tokens < 1:
@@ -176,7 +187,8 @@ def batch_cmd(
     dequantize: Optional[bool] = DEQUANTIZE, ignore_eos: bool = IGNORE_EOS,
     hostfile: Optional[str] = HOSTFILE, max_context: Optional[int] = MAX_CONTEXT,
     memory_fraction: float = MEMORY_FRACTION, distribute: Optional[bool] = DISTRIBUTE,
-    share_head: bool = SHARE_HEAD, verbose: bool = VERBOSE,
+    share_head: bool = SHARE_HEAD, tp: Optional[int] = TP, optimize: Optional[str] = OPTIMIZE,
+    verbose: bool = VERBOSE,
 ):
     """Run a file of prompts with micro-batched pipelining; results stream into OUT."""
     from pipeline.commands.batch import BatchFileError, Defaults, check_output, run_batch
@@ -184,7 +196,8 @@ def batch_cmd(
     sampling = SamplingParams(temp=temp, top_p=top_p, min_p=min_p, seed=seed,
                         max_tokens=max_tokens, ignore_eos=ignore_eos)
     opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, hostfile,
-                    max_context, memory_fraction, distribute, share_head)
+                    max_context, memory_fraction, distribute, share_head, tp, optimize,
+                    "throughput" if concurrency > 1 else "chat")
     if concurrency < 1:
         _fail("--concurrency must be at least 1")
     try:
@@ -235,7 +248,8 @@ def bench_cmd(
     num_draft_tokens: int = NUM_DRAFT_TOKENS,
     split: Optional[str] = SPLIT, dtype: Optional[str] = DTYPE,
     dequantize: Optional[bool] = DEQUANTIZE, distribute: Optional[bool] = DISTRIBUTE,
-    share_head: bool = SHARE_HEAD, verbose: bool = VERBOSE,
+    share_head: bool = SHARE_HEAD, tp: Optional[int] = TP, optimize: Optional[str] = OPTIMIZE,
+    verbose: bool = VERBOSE,
 ):
     """Measure TTFT, decode and prefill throughput of this job (random prompts, EOS ignored)."""
     import importlib.util
@@ -254,7 +268,10 @@ def bench_cmd(
             _fail(str(e))
         raise typer.Exit(0)
     opts = _options(model, split, dtype, verbose, DEFAULT_PREFILL_CHUNK, dequantize,
-                    SamplingParams(max_tokens=gen_tokens), distribute=distribute, share_head=share_head)
+                    SamplingParams(max_tokens=gen_tokens), distribute=distribute,
+                    share_head=share_head, tp=tp, optimize=optimize,
+                    default_objective="throughput" if max(_int_list(
+                        concurrency, "--concurrency")) > 1 else "chat")
     args = (_int_list(prompt_tokens, "--prompt-tokens"), gen_tokens,
             _int_list(concurrency, "--concurrency"), repeats, warmup, prefill_tokens,
             _int_list(prefill_chunks, "--prefill-chunks"), json_out, plot_out, label)
@@ -293,6 +310,7 @@ def serve_cmd(
     dequantize: Optional[bool] = DEQUANTIZE, hostfile: Optional[str] = HOSTFILE,
     max_context: Optional[int] = MAX_CONTEXT, memory_fraction: float = MEMORY_FRACTION,
     distribute: Optional[bool] = DISTRIBUTE, share_head: bool = SHARE_HEAD,
+    tp: Optional[int] = TP, optimize: Optional[str] = OPTIMIZE,
     verbose: bool = VERBOSE,
 ):
     """OpenAI-compatible API (/v1) and a chat page (/) on rank 0; the other ranks serve layers."""
@@ -300,7 +318,8 @@ def serve_cmd(
 
     opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize,
                     SamplingParams(max_tokens=max_tokens), hostfile, max_context, memory_fraction,
-                    distribute, share_head)
+                    distribute, share_head, tp, optimize,
+                    "throughput" if concurrency > 1 else "chat")
     if concurrency < 1 or max_queue < 0:
         _fail("--concurrency must be at least 1 and --max-queue at least 0")
     if not 0 <= port <= 65535:
@@ -392,7 +411,12 @@ def doctor_cmd(
 
 def main_entry() -> None:
     _refuse_mlx_launch()
-    app(prog_name="pipeline")
+    try:
+        app(prog_name="pipeline")
+    except SystemExit as e:
+        mpi.finish(e.code)  # returns unless MLX started MPI
+        raise
+    mpi.finish(0)
 
 
 if __name__ == "__main__":

@@ -56,3 +56,12 @@ SHARE_HEAD = typer.Option(True, "--share-head/--no-share-head",
                           "computes that part of every batched decode step, as much as evens "
                           "out the stages' measured time (costs it up to 3/4 of the head's "
                           "memory; dropped when that does not fit).")
+
+TP = typer.Option(None, "--tp", help="Ranks per stage, splitting each of its layers (tensor "
+                  "parallel, all-reduces inside the MLX graph); 1: a pure pipeline "
+                  "[default: the planner chooses per link, see `plan`].")
+OPTIMIZE = typer.Option(None, "--optimize", help="What the placement optimizes: chat (one "
+                        "sequence's token time) or throughput (many sequences at once) "
+                        "[default: chat for the REPL and one-shot, throughput for batch, serve "
+                        "and bench].")
+OBJECTIVES = ("chat", "throughput")

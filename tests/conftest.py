@@ -35,9 +35,11 @@ def pipeline_cmd(np_: int, *args: str) -> list[str]:
     return [MPIRUN, "-np", str(np_), "--oversubscribe", "--bind-to", "none", *py]
 
 
-def run_pipeline(np_: int, *args: str, timeout: float = 240, input: str | None = None):
+def run_pipeline(np_: int, *args: str, timeout: float = 240, input: str | None = None,
+                 env_extra: dict | None = None):
     return subprocess.run(pipeline_cmd(np_, *args), capture_output=True, text=True,
-                          timeout=timeout, env=mpi_env(), cwd=ROOT, input=input)
+                          timeout=timeout, env={**mpi_env(), **(env_extra or {})}, cwd=ROOT,
+                          input=input)
 
 
 def run_json(np_: int, *args: str) -> dict:

@@ -12,6 +12,7 @@ the model itself would have produced (speculative decoding: draft.py, verify.py)
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ from pipeline.wire.protocol import Flag, Message, Op, Quit, Run, Stats
 from pipeline.wire.ring import Ring
 
 DEFAULT_PREFILL_CHUNK = 512
+# Test hook (tests/test_tensor.py): PIPELINE_LOGITS_OUT=FILE.npy makes one-shot save the logits
+# of each plain decode step (float32 [steps, V]), to compare with mlx-lm's. Unset: no effect.
+LOGITS_OUT = os.environ.get("PIPELINE_LOGITS_OUT", "")
 
 
 @dataclass
@@ -68,11 +72,16 @@ class Driver:
 
     def __init__(self, comm, stage: Stage, tokenizer, weight_bytes: int,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, context: int | None = None,
-                 head_share_rows: int = 0, ring=None, log=None):
+                 head_share_rows: int = 0, ring=None, log=None, group=None):
         self.stage, self.tokenizer = stage, tokenizer
         self.ring = ring if ring is not None else (
             Ring(comm) if comm is not None and comm.Get_size() > 1 else None)
-        self.size = self.ring.size if self.ring is not None else 1
+        self.size = self.ring.stages if self.ring is not None else 1  # stages on the ring
+        # Stage 0 as a tensor-parallel group: the others compute every step rank 0 computes
+        # (tokens, control messages, the head's rows), told by this link before rank 0 does.
+        self.group = group
+        if group is not None:
+            stage.mirror = lambda hn: group.tell(Message(Op.HEAD, h=hn[:, None, :]))
         self.weight_bytes = weight_bytes
         self.prefill_chunk = prefill_chunk
         self.context = context  # the context window (tokens); None: unchecked
@@ -93,7 +102,9 @@ class Driver:
 
     def send(self, msg: Message) -> None:
         """A control message (or END) down the ring."""
-        if self.ring is not None:
+        if self.group is not None:
+            self.group.tell(msg)
+        if self.size > 1:
             self.ring.send(msg)
 
     def step(self, tokens: mx.array, caches: list | None, mb: int = 0,
@@ -103,8 +114,10 @@ class Driver:
         if worker.FAULT:
             self.steps += 1
             injected_fault(0, self.steps)
-        ring = self.ring
+        ring = self.ring if self.size > 1 else None  # one stage: its result stays here
         progress = ring.progress if ring is not None and ring.sending else None
+        if self.group is not None:
+            self.group.tell(Message(Op.FORWARD, mb, flags, h=tokens.astype(mx.int32)[..., None]))
         h = self.stage.forward(self.stage.embed(tokens), caches, progress)
         mx.eval(h)
         if ring is None:
@@ -120,7 +133,7 @@ class Driver:
 
     def collect(self) -> Message:
         """The next step that comes back round the ring (in the order they were sent)."""
-        return self._local.popleft() if self.ring is None else self.ring.recv()
+        return self._local.popleft() if self.size == 1 else self.ring.recv()
 
     # -- one conversation: one-shot and the REPL -----------------------------------------
     def _reusable_prefix(self, prompt: list[int]) -> int:
@@ -208,7 +221,10 @@ class Driver:
         h = self.collect().h
         stats.passes += 1
         if len(chunk) == 1:
-            new = [sampler(logprobs_of(self.stage.logits(h)))]  # [1, V] -> token
+            logits = self.stage.logits(h)
+            if LOGITS_OUT:
+                self._save_logits(logits)
+            new = [sampler(logprobs_of(logits))]  # [1, V] -> token
         else:
             verdict = spec.verify(h, chunk, sampler)
             new = verdict.tokens
@@ -221,6 +237,14 @@ class Driver:
         if spec is not None:
             spec.extend(new[:taken])
         return new[:taken]
+
+    def _save_logits(self, logits: mx.array) -> None:
+        import numpy as np
+
+        rows = getattr(self, "_logit_rows", [])
+        rows.append(np.array(logits[0].astype(mx.float32)))
+        self._logit_rows = rows
+        np.save(LOGITS_OUT, np.stack(rows))
 
     def _keep(self, chunk: list[int], taken: int) -> None:
         """After a pass over chunk whose first `taken` predictions were taken: those positions
@@ -247,3 +271,5 @@ class Driver:
         if self.ring is not None:
             self.ring.request(Quit())
             self.ring.close()
+        if self.group is not None:
+            self.group.close()

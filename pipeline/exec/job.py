@@ -20,7 +20,8 @@ from pipeline.model import hugepages
 from pipeline.model.gguf import GGUFError
 from pipeline.exec.driver import Driver
 from pipeline.exec.worker import Worker
-from pipeline.wire.ring import Ring
+from pipeline.wire import mpi
+from pipeline.wire.ring import FollowerRing, GroupLink, Ring
 from pipeline.model.spec import ModelError, hub_repo, model_kind, resolve_model
 from pipeline.model.load import held_parameters, load_stage, read_config, resident_bytes
 from pipeline.place.cluster import CapacityError
@@ -55,6 +56,8 @@ class Options:
     memory_fraction: float = DEFAULT_MEMORY_FRACTION
     distribute: bool | None = None  # None: send model files a rank lacks; False: refuse then
     share_head: bool = True  # the last rank computes part of batched decode steps' head
+    tp: int | None = None  # ranks per stage (tensor parallel); None: the planner chooses
+    objective: str = "chat"  # what the planner optimizes: "chat" (one sequence) or "throughput"
     refuse: str | None = None  # rank 0 found bad input before start (a taken --port): every
     #                            rank ends at the first collective, before anything loads
 
@@ -75,9 +78,30 @@ def _plan(opts: Options, path, config: dict, caps, hops, size: int) -> dict:
     plan = preflight_plan(path, config, caps, hops, hostfile=opts.hostfile,
                           max_context=opts.max_context, memory_fraction=opts.memory_fraction,
                           dtype=opts.dtype, split=opts.split, dequantize=_dequantize(opts),
-                          share_head=opts.share_head)
-    return {"split": plan.split, "repo": hub_repo(opts.model),
+                          share_head=opts.share_head, tp=_tp(opts), objective=opts.objective)
+    groups = list(plan.groups)
+    return {"split": plan.split, "repo": hub_repo(opts.model), "groups": groups,
             "head_share_rows": plan.head_share_rows}
+
+
+def _tp(opts: Options) -> int | None:
+    """--tp, or 1 (a pure pipeline) where this process cannot make tensor-parallel groups."""
+    why = mpi.unavailable()
+    if why is None or why == "one rank":
+        return opts.tp
+    if opts.tp is not None and opts.tp > 1:
+        raise SplitError(f"--tp {opts.tp}: tensor parallelism is unavailable here: {why}")
+    return 1
+
+
+def _group(groups: list[int], rank: int) -> tuple[int, list[int]]:
+    """(this rank's stage, the ranks of that stage's group, leader first)."""
+    first = 0
+    for stage, n in enumerate(groups):
+        if rank < first + n:
+            return stage, list(range(first, first + n))
+        first += n
+    raise ValueError(f"rank {rank} is outside the plan's {sum(groups)} ranks")
 
 
 def _dequantize(opts: Options) -> bool:
@@ -125,17 +149,27 @@ def start(opts: Options, comm=None):
     raise_together(comm, error, EXIT_USAGE)
     plan = comm.bcast(plan, root=0)
     # collective: each rank gets verified copies of the files its layers need
+    groups = plan["groups"]
     path = prepare_files(comm, opts.model, kind, path, plan["split"], opts.distribute, log,
-                         plan["head_share_rows"] > 0)
+                         plan["head_share_rows"] > 0, groups)
 
-    layer_range = layer_ranges(plan["split"])[rank]
+    stage_index, members = _group(groups, rank)
+    tp_group = None
+    if any(n > 1 for n in groups):  # collective over the world: every rank splits
+        tp_group = mpi.world().split(stage_index, rank)
+        if len(members) == 1:
+            tp_group = None
+    layer_range = layer_ranges(plan["split"])[stage_index]
     stage, error, wired_note = None, None, None
     try:
-        log(f"loading layers {layer_range[0]}..{layer_range[1] - 1} from {path}")
+        log(f"loading layers {layer_range[0]}..{layer_range[1] - 1} from {path}"
+            + (f" (tensor parallel over ranks {members[0]}-{members[-1]})" if tp_group else ""))
         dequantize = _dequantize(opts)
-        share = plan["head_share_rows"] if rank == size - 1 and size > 1 else 0
-        stage = load_stage(path, config, layer_range, with_head=rank == 0,
-                           dtype=opts.dtype, dequantize=dequantize, head_share_rows=share)
+        last_leader = stage_index == len(groups) - 1 and rank == members[0]
+        share = plan["head_share_rows"] if last_leader and len(groups) > 1 else 0
+        stage = load_stage(path, config, layer_range, with_head=stage_index == 0,
+                           dtype=opts.dtype, dequantize=dequantize, head_share_rows=share,
+                           group=tp_group)
         if share:
             log(f"holds the head's first {share} rows (shared head)")
         weight_bytes = resident_bytes(stage)
@@ -156,8 +190,12 @@ def start(opts: Options, comm=None):
     reports = comm.gather((socket.gethostname(), device, blas_name, reference, wired_note),
                           root=0)
 
+    link = GroupLink(comm, members[1:]) if tp_group and rank == members[0] else None
     if rank != 0:
-        Worker(Ring(comm), stage, weight_bytes).run()
+        if rank == members[0]:
+            Worker(Ring(comm, groups), stage, weight_bytes, group=link).run()
+        else:
+            Worker(FollowerRing(comm, groups), stage, weight_bytes).run()
         return None
 
     from mlx_lm.utils import load_tokenizer
@@ -165,7 +203,9 @@ def start(opts: Options, comm=None):
     tokenizer = load_tokenizer(path)
     hosts = sorted({r[0] for r in reports})
     print(f"pipeline: {size} rank{'s' * (size > 1)} on {len(hosts)} host{'s' * (len(hosts) > 1)}, "
-          f"{config['model_type']} {config['num_hidden_layers']} layers split {plan['split']}, "
+          f"{config['model_type']} {config['num_hidden_layers']} layers split {plan['split']}"
+          + (f" over stages of {groups} ranks (tensor parallel within)" if tp_group or any(
+              n > 1 for n in groups) else "") + ", "
           f"device {device}, BLAS {blas_name}", file=sys.stderr, flush=True)
     for r, (host, _, name, ref, note) in enumerate(reports):
         if ref:
@@ -175,8 +215,9 @@ def start(opts: Options, comm=None):
         if note:
             print(f"pipeline: warning: rank {r} ({host}): {note}", file=sys.stderr, flush=True)
     context = opts.max_context or default_max_context(config)
+    ring = Ring(comm, groups) if size > 1 else None
     return Driver(comm, stage, tokenizer, weight_bytes, opts.prefill_chunk, context,
-                  head_share_rows=plan["head_share_rows"], log=log)
+                  head_share_rows=plan["head_share_rows"], log=log, ring=ring, group=link)
 
 
 def abort_on_error(comm, exc: BaseException, verbose: bool) -> None:

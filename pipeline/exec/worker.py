@@ -92,8 +92,9 @@ class CacheTable:
 class Worker:
     """One rank of 1..N-1 over its ring (an MPI Ring, or the in-process ring of the tests)."""
 
-    def __init__(self, ring, stage: Stage, weight_bytes: int = 0):
+    def __init__(self, ring, stage: Stage, weight_bytes: int = 0, group=None):
         self.ring, self.stage, self.weight_bytes = ring, stage, weight_bytes
+        self.group = group  # a tensor-parallel stage's leader: its GroupLink to the others
         self.table = CacheTable(stage)
         self.steps = 0  # forward steps, for the PIPELINE_FAULT test hook
 
@@ -111,6 +112,8 @@ class Worker:
             while self.handle(self.ring.recv()):
                 pass
         self.ring.close()
+        if self.group is not None:
+            self.group.close()
 
     def begin(self, request: Run | Batch) -> None:
         if isinstance(request, Run):
@@ -119,12 +122,17 @@ class Worker:
     def handle(self, msg: Message) -> bool:
         """Apply one ring message; False once the request is over (END)."""
         ring, last = self.ring, self.ring.is_last_stage
+        if self.group is not None:
+            self.group.tell(msg)  # the rest of the group computes the same step alongside
         if msg.op == Op.FORWARD:
             if FAULT:
                 self.steps += 1
                 injected_fault(ring.rank, self.steps)
             start = time.perf_counter()
-            msg.h = self.stage.forward(msg.h, self.table.get(msg.mb),
+            h = msg.h
+            if h.dtype == mx.int32:  # tokens: this is stage 0's group (see Driver.step)
+                h = self.stage.embed(h[..., 0])
+            msg.h = self.stage.forward(h, self.table.get(msg.mb),
                                        ring.progress if ring.sending else None)
             mx.eval(msg.h)
             if last and msg.flags & (Flag.HEAD | Flag.LOGITS):
@@ -135,6 +143,9 @@ class Worker:
                 msg.busy_us = max(1, int(busy * 1e6))  # tells rank 0 how long this step took
             if not last or msg.flags & Flag.RETURN:
                 ring.send(msg)
+            return True
+        if msg.op == Op.HEAD:  # stage 0's group: this rank's part of the head (Stage.head_logits)
+            mx.eval(self.stage.head_logits(msg.h[:, 0, :]))
             return True
         if not last:  # control messages go down the ring, not back to 0
             ring.send(msg)

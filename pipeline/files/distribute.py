@@ -51,9 +51,12 @@ class Entry:
 # ---------------------------------------------------------------- which files, and their hashes
 
 
-def wanted_files(folder: Path, split: list[int], head_share: bool = False) -> list[list[str]]:
+def wanted_files(folder: Path, split: list[int], head_share: bool = False,
+                 groups: list[int] | None = None) -> list[list[str]]:
     """Per rank: the files it needs from `folder` (metadata files, then its weight files).
-    head_share: the last rank also holds part of the head (the files of the norm and head)."""
+    split: layers per stage; groups: ranks per stage (default one each; a tensor-parallel
+    group's ranks all need their stage's files).
+    head_share: the last stage also holds part of the head (the files of the norm and head)."""
     meta = sorted(p.name for p in folder.iterdir()
                   if p.is_file() and not p.name.startswith(".")
                   and any(fnmatch.fnmatch(p.name, pat) for pat in META_PATTERNS))
@@ -65,7 +68,8 @@ def wanted_files(folder: Path, split: list[int], head_share: bool = False) -> li
                    for r, rng in enumerate(layer_ranges(split))]
     else:  # a hub repo without an index whose weights are not here yet: mlx-lm's one file
         weights = [["model.safetensors"] for _ in split]
-    return [meta + w for w in weights]
+    groups = groups or [1] * len(split)
+    return [meta + w for w, g in zip(weights, groups) for _ in range(g)]
 
 
 def _hash_file(path: Path) -> str:

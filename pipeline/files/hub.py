@@ -106,7 +106,7 @@ def download_all(comm, repo: str, commit: str, names: list[str]) -> Path | None:
 
 
 def prepare_hub(comm, repo: str, path: Path | None, split: list[int], mode: bool | None,
-                log, head_share: bool = False) -> Path:
+                log, head_share: bool = False, groups: list[int] | None = None) -> Path:
     """Collective: every rank ends with its files of `repo` and returns the folder holding
     them. Ranks with hub access (and without --distribute) download their own; the others
     receive theirs from rank 0 into $PIPELINE_CACHE/models/<org>--<name>."""
@@ -115,7 +115,7 @@ def prepare_hub(comm, repo: str, path: Path | None, split: list[int], mode: bool
     plan, error = None, None
     if rank == 0:
         try:
-            wanted = wanted_files(path, split, head_share)
+            wanted = wanted_files(path, split, head_share, groups)
             mine = list(wanted[0])
             for r, names in enumerate(wanted):
                 mine += [n for n in names if receives[r] and n not in mine]

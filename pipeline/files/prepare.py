@@ -12,7 +12,8 @@ from pipeline.model.spec import ModelError
 
 
 def prepare(comm, spec: str | None, kind: str, path: Path | None, split: list[int],
-            mode: bool | None, log, head_share: bool = False) -> Path:
+            mode: bool | None, log, head_share: bool = False,
+            groups: list[int] | None = None) -> Path:
     """Collective, after the plan: make sure every rank holds verified copies of the files its
     layers need, fetching (hub) or receiving them (from rank 0) when not. Returns the folder
     this rank loads from. GGUF files and the embedded model are imported by each rank itself."""
@@ -20,11 +21,11 @@ def prepare(comm, spec: str | None, kind: str, path: Path | None, split: list[in
         return path
     rank = comm.Get_rank()
     if kind == "hub":
-        return prepare_hub(comm, spec, path, split, mode, log, head_share)
+        return prepare_hub(comm, spec, path, split, mode, log, head_share, groups)
     wanted, error = None, None
     if rank == 0:
         try:
-            wanted = wanted_files(path, split, head_share)
+            wanted = wanted_files(path, split, head_share, groups)
         except (OSError, ModelError) as e:
             error = str(e)
     raise_together(comm, error, EXIT_USAGE)

@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.utils import _get_classes, dequantize_model, infer_quant_config
 
+from pipeline.model.tensor import VocabShard, shard_blocks
 from pipeline.model.shell import (SPECIAL_SHELLS, Layout, Shell, UnsupportedModel, cache_template,
                                   module_at, probe, refusal)
 from pipeline.model.spec import META_PATTERNS, ModelError, hub_snapshot
@@ -273,10 +274,12 @@ def _other_parts(model: nn.Module, layout: Layout) -> dict:
 
 def load_stage(path: Path, config: dict, layer_range: tuple[int, int], with_head: bool,
                dtype: str | None = None, repo: str | None = None,
-               dequantize: bool = False, head_share_rows: int = 0) -> Stage:
+               dequantize: bool = False, head_share_rows: int = 0, group=None) -> Stage:
     """Build the model lazily with mlx-lm's classes and materialize only this rank's share.
 
-    head_share_rows > 0 (the last rank): also the final norm and the head's first rows."""
+    head_share_rows > 0 (the last rank): also the final norm and the head's first rows.
+    group: the stage's tensor-parallel group (an mx.distributed group of 2 or more ranks):
+    this rank's part of every block, and with the head, its vocabulary rows (model/tensor.py)."""
     model = build_model(config)
     layout = probe(model, config["model_type"])
     index = tensor_index(path, repo, sizes=False)
@@ -309,6 +312,14 @@ def load_stage(path: Path, config: dict, layer_range: tuple[int, int], with_head
     if dtype is not None:
         _cast_floats(model, DTYPES[dtype])
     modules = {p: module_at(model, p) for p in modules}  # dequantized modules are new ones
+    vocab = None
+    if group is not None:
+        shard_blocks(model, layout, layer_range, group)
+        if with_head:
+            embed_path = f"{layout.inner}.{layout.embed}".lstrip(".")
+            vocab = VocabShard(module_at(model, embed_path),
+                               None if layout.tied else module_at(model, layout.head),
+                               int(module_at(model, embed_path).weight.shape[0]), group)
     owner = module_at(model, layout.inner.rpartition(".")[0])
     stage = Stage(args=getattr(owner, "args", getattr(model, "args", None)),
                   model_type=config["model_type"], layer_range=layer_range,
@@ -322,8 +333,13 @@ def load_stage(path: Path, config: dict, layer_range: tuple[int, int], with_head
     if head_share_rows > 0 and not with_head:
         stage.head_share, stage.head_share_name = module_at(model, layout.head), layout.head
         _keep_rows(stage.head_share, head_share_rows)
+    if vocab is not None:
+        stage.vocab, stage.tp = vocab, group.size()
+    elif group is not None:
+        stage.tp = group.size()
     held = held_parameters(stage)
-    mx.eval(list(held.values()))
+    for i in range(0, len(held), 64):  # a part at a time: a split reads whole tensors first
+        mx.eval(list(held.values())[i : i + 64])
     stage.loaded_names = sorted(held)
 
     template = cache_template(model, len(module_at(model, layout.layers)))
@@ -332,6 +348,8 @@ def load_stage(path: Path, config: dict, layer_range: tuple[int, int], with_head
                             if isinstance(c, RotatingKVCache)), default=None)
     stage.rewindable = all(c.is_trimmable() for c in template)
     stage.shell = Shell(model, layout, layer_range, template)
+    if vocab is not None:
+        stage.shell.replace_embedding(vocab)
     return stage
 
 

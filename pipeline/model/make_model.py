@@ -62,6 +62,11 @@ PRESETS: dict[str, dict] = {
     # Fused qkv_proj and gate_up_proj.
     "tiny-phi3": dict(_TINY, model_type="phi3", architectures=["Phi3ForCausalLM"],
                       rope_theta=10000.0, tie_word_embeddings=False),
+    # Heads (6), KV heads (6) and MLP width (192) that split 2 and 3 ways: tensor parallel.
+    "tiny-llama-6h": dict(_TINY, model_type="llama", architectures=["LlamaForCausalLM"],
+                          hidden_size=96, head_dim=16, num_attention_heads=6,
+                          num_key_value_heads=6, intermediate_size=192, rope_theta=10000.0,
+                          tie_word_embeddings=False),
     # Mixture-of-experts presets: 4 experts, 2 per token, small expert MLPs.
     "tiny-qwen3-moe": dict(_TINY, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
                            head_dim=16, rope_theta=1e6, rms_norm_eps=1e-6, num_experts=4,

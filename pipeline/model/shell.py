@@ -293,9 +293,15 @@ class Shell:
         self.inner["layers"] = [_Slot(self, i, b) for i, b in enumerate(blocks)]
         self.embedding = self.inner[layout.embed]
         self.inner[layout.embed] = _Feed(self, self.embedding)
+        self._embed_key = layout.embed
         self._feeding = None  # the hidden state fed in at block `start` (None: embedding)
         self._taken = None  # what comes out of block end - 1 (or goes into block 0)
         self._progress = None
+
+    def replace_embedding(self, embedding) -> None:
+        """Embed tokens with `embedding` (a tensor-parallel stage 0's VocabShard)."""
+        self.embedding = embedding
+        self.inner[self._embed_key]._embedding = embedding
 
     def embed(self, tokens: mx.array) -> mx.array:
         """tokens: [B, L] -> the hidden state the shell feeds its first block: [B, L, D]."""

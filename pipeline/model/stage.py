@@ -44,9 +44,27 @@ class RowsFirstLinear(nn.Linear):
         return y.T.reshape(*x.shape[:-1], y.shape[0])
 
 
+class RowsFirstShardedToAll(nn.Module):
+    """mlx's ShardedToAllLinear (a tensor-parallel group's output projection: this rank's
+    input columns, then the group's sum) with the product taken as RowsFirstLinear does."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = x.size // x.shape[-1]
+        if rows > ROWS_FIRST_MAX_ROWS:
+            y = x @ self["weight"].T
+        else:
+            y = (self["weight"] @ x.reshape(rows, x.shape[-1]).T).T.reshape(
+                *x.shape[:-1], self["weight"].shape[0])
+        y = mx.distributed.all_sum(y, group=self.group)
+        return y + self["bias"] if "bias" in self else y
+
+
 def use_rows_first(stage: "Stage") -> int:
     """Switch the stage's float linear layers (and the head) to RowsFirstLinear; returns how
-    many layers were switched. Quantized layers are left alone."""
+    many layers were switched. Quantized layers are left alone; a tensor-parallel group's
+    split layers are switched too (their forward is a plain product, or one then the sum)."""
+    from mlx.nn.layers.distributed import AllToShardedLinear, ShardedToAllLinear
+
     switched = 0
     modules = [m for layer in stage.layers for _, m in layer.named_modules()]
     if stage.lm_head is not None:
@@ -54,9 +72,14 @@ def use_rows_first(stage: "Stage") -> int:
     if stage.head_share is not None:
         modules.append(stage.head_share)
     for m in modules:
-        if type(m) is nn.Linear:
+        if type(m) in (nn.Linear, AllToShardedLinear):  # the latter: x @ W.T (+ b) too
             m.__class__ = RowsFirstLinear
             switched += 1
+        elif type(m) is ShardedToAllLinear:
+            m.__class__ = RowsFirstShardedToAll
+            switched += 1
+    if stage.vocab is not None:
+        stage.vocab.rows_first = True
     stage.rows_first = True
     return switched
 
@@ -105,6 +128,12 @@ class Stage:
     shell: Shell | None = None  # the model's own forward over these layers (shell.py)
     modules: dict = field(default_factory=dict)  # checkpoint prefix -> module held here
     length: int = 0  # tokens in the conversation's caches
+    # A tensor-parallel stage 0: the embedding and head split by vocabulary rows across the
+    # group (model/tensor.py), and on its leader the call that tells the others to compute
+    # their part of the head alongside (exec/driver.py).
+    vocab: object = None
+    mirror: object = None
+    tp: int = 1  # ranks in this stage's tensor-parallel group
 
     @property
     def has_head(self) -> bool:
@@ -197,6 +226,13 @@ class Stage:
         tests/test_shared_head.py). With `between`, the rows are computed HEAD_PIECE_ROWS at a
         time, each evaluated and followed by a call to between() (the ring's progress: the
         head is as long as several layers, too long to leave a send unattended)."""
+        if self.vocab is not None:  # split across the group: every rank takes part, now
+            if self.mirror is not None:
+                self.mirror(hn)
+            logits = self.vocab.logits(hn)
+            logits = logits if lo == 0 and hi is None else logits[:, lo:hi]
+            mx.eval(logits)  # the group's collectives run in the same order on every rank
+            return logits
         hi = self.head.weight.shape[0] if hi is None else hi
         if between is None or hi - lo <= HEAD_PIECE_ROWS:
             return self._head_slice(hn, lo, hi)

@@ -5,7 +5,10 @@ Two kinds of traffic, on separate MPI tags:
   HEADER_FIELDS int64 values, then the activation buffer [B, L, D] (FORWARD) or an int64
   payload (control ops), then the last stage's share of the head (`part`) when it has one;
 - requests (TAG_REQ), small Python objects from rank 0 to every other rank, which say what
-  the ring messages that follow belong to (a chat turn, a batch), and stats replies (TAG_STATS).
+  the ring messages that follow belong to (a chat turn, a batch), and stats replies (TAG_STATS);
+- within a tensor-parallel stage (exec/group.py), its leader passes every ring message it
+  handles on to the group's other ranks (TAG_GROUP), encoded the same way; stage 0's leader
+  sends the tokens it embeds (int32 [B, L, 1]) and the rows its head projects (Op.HEAD).
 
 Every rank applies the control ops (OPEN, JOIN, FILTER, TRIM, END) in the order they travel the
 ring, so the cache tables of all ranks stay alike without any other synchronization.
@@ -19,7 +22,7 @@ from enum import IntEnum, IntFlag
 import mlx.core as mx
 import numpy as np
 
-TAG_RING, TAG_REQ, TAG_STATS = 11, 12, 13
+TAG_RING, TAG_REQ, TAG_STATS, TAG_GROUP = 11, 12, 13, 14
 
 
 class Op(IntEnum):
@@ -30,6 +33,8 @@ class Op(IntEnum):
     FILTER = 5  # keep only the rows in the payload of micro-batch `mb` (empty: drop it)
     TRIM = 6  # drop the last payload[0] positions of the conversation's caches (mb 0): the
     #           proposals a speculative pass rejected
+    HEAD = 7  # within stage 0's tensor-parallel group only (TAG_GROUP): compute your part of
+    #           the vocabulary-parallel head for the normed rows h: [B, 1, D]
 
 
 class Flag(IntFlag):
@@ -88,6 +93,7 @@ _WIRE = {  # mlx dtype -> (code, numpy dtype on the wire, view back)
     mx.float32: (0, np.float32, None),
     mx.float16: (1, np.float16, None),
     mx.bfloat16: (2, np.uint16, mx.bfloat16),  # numpy has no bfloat16: ship the bits
+    mx.int32: (3, np.int32, None),  # tokens, within a tensor-parallel stage 0
 }
 _FROM_CODE = {code: (np_dtype, view) for code, np_dtype, view in _WIRE.values()}
 

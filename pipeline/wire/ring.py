@@ -14,8 +14,9 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from pipeline.wire.protocol import (HEADER_FIELDS, TAG_REQ, TAG_RING, TAG_STATS, Flag, Header,
-                                    Message, Op, Request, encode, from_wire, wire_buffer)
+from pipeline.wire.protocol import (HEADER_FIELDS, TAG_GROUP, TAG_REQ, TAG_RING, TAG_STATS, Flag,
+                                    Header, Message, Op, Request, encode, from_wire,
+                                    wire_buffer)
 
 SEND_DEPTH = 4  # messages a rank may have posted and not yet delivered
 # Messages with a buffer above this are pushed along while the rank computes (see progress):
@@ -45,21 +46,35 @@ def wait(requests: list) -> None:
         delay = min(delay * 2, SLEEP_MAX_S)
 
 
-class Ring:
-    """This rank's links in the ring 0 -> 1 -> ... -> N-1 -> 0."""
+def leaders(groups: list[int]) -> list[int]:
+    """The first rank of each stage, for stages of groups[s] consecutive ranks."""
+    return [sum(groups[:s]) for s in range(len(groups))]
 
-    def __init__(self, comm: MPI.Comm):
+
+class Ring:
+    """This rank's links in the ring of stages 0 -> 1 -> ... -> S-1 -> 0.
+
+    A stage is one rank, or a tensor-parallel group of consecutive ranks (`groups`: ranks per
+    stage, default one each) whose first rank, its leader, is the one on the ring."""
+
+    tag = TAG_RING
+
+    def __init__(self, comm: MPI.Comm, groups: list[int] | None = None):
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
-        self.next = (self.rank + 1) % self.size
-        self.prev = (self.rank - 1) % self.size
+        groups = groups or [1] * self.size
+        starts = leaders(groups)
+        self.stages = len(groups)
+        self.stage = max(s for s, first in enumerate(starts) if first <= self.rank)
+        self.next = starts[(self.stage + 1) % self.stages]
+        self.prev = starts[(self.stage - 1) % self.stages]
         self._inflight: list = []  # (requests, buffers kept alive until done)
         self.bytes_sent = 0
         self.wait_s = 0.0  # time spent blocked in recv (idle, waiting for the previous stage)
 
     @property
     def is_last_stage(self) -> bool:
-        return self.rank == self.size - 1
+        return self.stage == self.stages - 1
 
     def _complete_sends(self, keep: int = 0) -> None:
         """Wait until at most `keep` posted messages are still in flight (oldest first)."""
@@ -101,21 +116,21 @@ class Ring:
         """Blocking receive of the next message from the previous rank."""
         raw = np.empty(HEADER_FIELDS, dtype=np.int64)
         start = time.perf_counter()
-        wait([self.comm.Irecv(raw, self.prev, TAG_RING)])
+        wait([self.comm.Irecv(raw, self.prev, self.tag)])
         self.wait_s += time.perf_counter() - start
         hdr = Header.decode(raw)
-        if hdr.op != Op.FORWARD:
+        if hdr.op not in (Op.FORWARD, Op.HEAD):
             payload = np.empty(hdr.b, dtype=np.int64)
             if hdr.b:
-                self.comm.Recv(payload, self.prev, TAG_RING)
+                self.comm.Recv(payload, self.prev, self.tag)
             return Message(hdr.op, hdr.mb, hdr.flags, payload=payload.tolist())
         buf = wire_buffer(hdr.code, (hdr.b, hdr.l, hdr.d))
-        self.comm.Recv(buf, self.prev, TAG_RING)
+        self.comm.Recv(buf, self.prev, self.tag)
         msg = Message(hdr.op, hdr.mb, hdr.flags, h=from_wire(hdr.code, buf),
                       head_rows=hdr.head_rows, busy_us=hdr.busy_us)
         part = hdr.part_buffer()
         if part is not None:
-            self.comm.Recv(part, self.prev, TAG_RING)
+            self.comm.Recv(part, self.prev, self.tag)
             msg.part = part if hdr.flags & Flag.HEAD else from_wire(hdr.code, part)
         return msg
 
@@ -145,3 +160,48 @@ class Ring:
         self._complete_sends()
 
 
+
+
+class GroupLink:
+    """A tensor-parallel stage's leader to the group's other ranks: every message the leader
+    handles, passed on (TAG_GROUP) before the leader computes it, so that all of the group run
+    the same layers on the same rows with the same caches and meet in the same all-reduces."""
+
+    def __init__(self, comm: MPI.Comm, members: list[int]):
+        self.comm, self.members = comm, members  # the other ranks of the group
+        self._inflight: list = []
+
+    def tell(self, msg: Message) -> None:
+        while len(self._inflight) >= SEND_DEPTH:
+            reqs, _ = self._inflight.pop(0)
+            wait(reqs)
+        bufs = encode(msg)
+        reqs = [self.comm.Isend(b, r, TAG_GROUP) for r in self.members for b in bufs]
+        self._inflight.append((reqs, bufs))
+
+    def close(self) -> None:
+        while self._inflight:
+            wait(self._inflight.pop(0)[0])
+
+
+class FollowerRing(Ring):
+    """A tensor-parallel group's other ranks: they receive what their leader handles and
+    send nothing on (the leader does); requests and stats go to rank 0 as on the ring."""
+
+    tag = TAG_GROUP
+
+    def __init__(self, comm: MPI.Comm, groups: list[int]):
+        super().__init__(comm, groups)
+        self.prev = leaders(groups)[self.stage]  # receive from the leader
+        self.next = None
+
+    @property
+    def is_last_stage(self) -> bool:
+        return False  # the shared head's part and the way back are the leader's
+
+    @property
+    def sending(self) -> bool:
+        return False
+
+    def send(self, msg: Message) -> None:
+        pass
