@@ -142,6 +142,17 @@ PRESETS: dict[str, dict] = {
                              num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6,
                              rope_theta=1e6, max_position_embeddings=32768,
                              vocab_size=32000, tie_word_embeddings=True),
+    # The mixture-of-experts benchmark model (issue 13): qwen3_moe-shaped, 16 layers of 16
+    # experts (4 per token) of width 256 beside attention of 16 heads (4 KV heads): 277M
+    # parameters held, ~45M of them read per token. float32 by default, like bench-qwen2-200m.
+    "bench-qwen3-moe-280m": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
+                                 hidden_size=1024, num_hidden_layers=16, intermediate_size=2816,
+                                 num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+                                 rms_norm_eps=1e-6, rope_theta=1e6,
+                                 max_position_embeddings=32768, vocab_size=32000,
+                                 num_experts=16, num_experts_per_tok=4, decoder_sparse_step=1,
+                                 mlp_only_layers=[], moe_intermediate_size=256,
+                                 norm_topk_prob=True, tie_word_embeddings=True),
     "llama-3.2-1b": dict(model_type="llama", architectures=["LlamaForCausalLM"],
                          hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64,
