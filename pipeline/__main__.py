@@ -34,7 +34,7 @@ from pipeline.exec.sampling import DEFAULT_MAX_TOKENS, SamplingParams  # noqa: E
 from pipeline.flags import (  # noqa: E402
     CHAT, DEQUANTIZE, DISTRIBUTE, DRAFT_MODEL, DTYPE, DTYPE_NAMES, HOSTFILE, IGNORE_EOS,
     MAX_CONTEXT, MAX_TOKENS, MEMORY_FRACTION, MIN_P, MODEL, NUM_DRAFT_TOKENS, PREFILL_CHUNK,
-    OBJECTIVES, OPTIMIZE, PROMPT_LOOKUP, SEED, SHARE_HEAD, SPLIT, SYSTEM, TEMP, TOP_P, TP, VERBOSE,
+    OPTIMIZE, PROMPT_LOOKUP, SEED, SHARE_HEAD, SPLIT, SYSTEM, TEMP, TOP_P, TP, VERBOSE,
 )
 from pipeline.serve.server import (  # noqa: E402
     API_KEY_ENV, DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PORT,
@@ -104,34 +104,14 @@ def _run(opts, body) -> None:
     driver.shutdown()
 
 
-def _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, hostfile=None,
-             max_context=None, memory_fraction=0.8, distribute=None, share_head=False,
-             tp=None, optimize=None, default_objective="chat"):
-    """Check what every rank can check alone, then the job's options."""
-    from pipeline.model.load import resolve_dtype
-    from pipeline.exec.job import Options
+def _options(*args, **kwargs):
+    """The job's options from the flags (exec/job.py checks them: every rank stops alike)."""
+    from pipeline.exec.job import checked_options
 
     try:
-        sampling.check()
+        return checked_options(*args, **kwargs)
     except ValueError as e:
         _fail(str(e))
-    if dtype is not None and dtype not in DTYPE_NAMES:
-        _fail(f"--dtype {dtype} is not one of {', '.join(DTYPE_NAMES)}")
-    if prefill_chunk < 1:
-        _fail("--prefill-chunk must be at least 1")
-    if not 0 < memory_fraction <= 1:
-        _fail(f"--memory-fraction {memory_fraction} is outside (0, 1]")
-    if max_context is not None and max_context < 1:
-        _fail("--max-context must be at least 1")
-    if tp is not None and tp < 1:
-        _fail("--tp must be at least 1")
-    if optimize is not None and optimize not in OBJECTIVES:
-        _fail(f"--optimize {optimize} is not one of {', '.join(OBJECTIVES)}")
-    return Options(model=model, split=split, dtype=resolve_dtype(dtype), verbose=verbose,
-                   prefill_chunk=prefill_chunk, dequantize=dequantize, hostfile=hostfile,
-                   max_context=max_context, memory_fraction=memory_fraction,
-                   distribute=distribute, share_head=share_head, tp=tp,
-                   objective=optimize or default_objective)
 
 
 @app.callback(invoke_without_command=True)

@@ -28,6 +28,7 @@ class LocalRing:
 
     def __init__(self, net: "LocalNet", rank: int):
         self.net, self.rank, self.size = net, rank, net.size
+        self.stages = net.size  # one rank per stage (no tensor-parallel groups here)
         self.inbox: deque = deque()
         self.bytes_sent, self.wait_s, self.sending = 0, 0.0, False
 

@@ -71,9 +71,16 @@ def check(np_, path, tmp_path, *extra):
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen3-moe", "tiny-llama-6h"])
 def test_two_ranks_one_tensor_parallel_stage(model_dir, tmp_path, arch):
-    out, err = check(2, model_dir(arch), tmp_path, "--tp", "2", "--no-prompt-lookup")
+    import mlx.core as mx
+
+    path = model_dir(arch)
+    out, err = check(2, path, tmp_path, "--tp", "2", "--no-prompt-lookup")
     assert "stages of [2] ranks" in err
     assert [r["layer_range"] for r in out["ranks"]] == [[0, 7], [0, 7]]
+    # each rank holds half of every layer and of the vocabulary (norms and routers whole)
+    total = sum(a.nbytes for a in mx.load(str(path / "model.safetensors")).values())
+    for r in out["ranks"]:
+        assert 0.45 < r["weight_bytes"] / total < 0.56, (r["weight_bytes"], total)
 
 
 def test_three_ranks_one_group_of_three(model_dir, tmp_path):

@@ -141,14 +141,30 @@ def machine_info(driver: Driver) -> dict:
     device, blas_name, _ = blas.describe()
     import mlx_lm
 
-    h = driver.stage.embed(mx.array([[1]]))  # what one token puts on the wire: [1, 1, D]
+    # What one token puts on the wire: [1, 1, D]. Lazy, never evaluated (on a tensor-parallel
+    # stage 0 the embedding is a collective the other ranks would not join).
+    h = driver.stage.embed(mx.array([[1]]))
     return {"ranks": len(ranks), "hosts": sorted({r["host"] for r in ranks}),
             "hidden_size": h.shape[-1], "activation_dtype": str(h.dtype).split(".")[-1],
             "bytes_per_token": h.shape[-1] * h.dtype.size,
             "layers": [r["layer_range"] for r in ranks], "device": device, "blas": blas_name,
-            "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "groups": driver.groups, "cpu": cpu_name(), "python": platform.python_version(),
             "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "git_commit": commit,
             "load_avg": _load_avg()}
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux /proc/cpuinfo, macOS sysctl), else the architecture."""
+    try:
+        if sys.platform == "darwin":
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                  text=True).stdout.strip() or platform.machine()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _load_avg() -> list[float] | None:

@@ -80,6 +80,7 @@ class Driver:
         # Stage 0 as a tensor-parallel group: the others compute every step rank 0 computes
         # (tokens, control messages, the head's rows), told by this link before rank 0 does.
         self.group = group
+        self.groups = [1] * self.size  # ranks per stage (the job sets the plan's)
         if group is not None:
             stage.mirror = lambda hn: group.tell(Message(Op.HEAD, h=hn[:, None, :]))
         self.weight_bytes = weight_bytes

@@ -62,6 +62,35 @@ class Options:
     #                            rank ends at the first collective, before anything loads
 
 
+def checked_options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling,
+                    hostfile=None, max_context=None, memory_fraction=0.8, distribute=None,
+                    share_head=False, tp=None, optimize=None,
+                    default_objective="chat") -> Options:
+    """Options from the command's flags, after what every rank can check alone (ValueError
+    with the one line to print)."""
+    from pipeline.flags import DTYPE_NAMES, OBJECTIVES
+    from pipeline.model.load import resolve_dtype
+
+    sampling.check()
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise ValueError(f"--dtype {dtype} is not one of {', '.join(DTYPE_NAMES)}")
+    if prefill_chunk < 1:
+        raise ValueError("--prefill-chunk must be at least 1")
+    if not 0 < memory_fraction <= 1:
+        raise ValueError(f"--memory-fraction {memory_fraction} is outside (0, 1]")
+    if max_context is not None and max_context < 1:
+        raise ValueError("--max-context must be at least 1")
+    if tp is not None and tp < 1:
+        raise ValueError("--tp must be at least 1")
+    if optimize is not None and optimize not in OBJECTIVES:
+        raise ValueError(f"--optimize {optimize} is not one of {', '.join(OBJECTIVES)}")
+    return Options(model=model, split=split, dtype=resolve_dtype(dtype), verbose=verbose,
+                   prefill_chunk=prefill_chunk, dequantize=dequantize, hostfile=hostfile,
+                   max_context=max_context, memory_fraction=memory_fraction,
+                   distribute=distribute, share_head=share_head, tp=tp,
+                   objective=optimize or default_objective)
+
+
 class Log:
     def __init__(self, rank: int, verbose: bool):
         self.rank, self.verbose = rank, verbose
@@ -216,8 +245,10 @@ def start(opts: Options, comm=None):
             print(f"pipeline: warning: rank {r} ({host}): {note}", file=sys.stderr, flush=True)
     context = opts.max_context or default_max_context(config)
     ring = Ring(comm, groups) if size > 1 else None
-    return Driver(comm, stage, tokenizer, weight_bytes, opts.prefill_chunk, context,
-                  head_share_rows=plan["head_share_rows"], log=log, ring=ring, group=link)
+    driver = Driver(comm, stage, tokenizer, weight_bytes, opts.prefill_chunk, context,
+                    head_share_rows=plan["head_share_rows"], log=log, ring=ring, group=link)
+    driver.groups = groups
+    return driver
 
 
 def abort_on_error(comm, exc: BaseException, verbose: bool) -> None:
