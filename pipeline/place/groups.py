@@ -313,7 +313,8 @@ def _reason(cost: ModelCost, nodes: list[Node], links: list[Link], plan: Plan, s
             saved = reads / bws[0] - reads / (2 * min(bws[0], nodes[other].bandwidth))
             text += f" for {_ms(saved)} saved" if saved > 0 else " and save nothing"
             if 0 < 2 * layers * ar < saved:
-                text += " (the whole plan is faster without: see the layouts tried)"
+                text += (f" (whole plans compared in the layouts tried: more all-reduces must "
+                         f"win by over {TP_MARGIN:.0%})")
         else:
             text += " (bandwidth unknown: pure pipeline)"
     above = [k for k in sorted(problems) if n < k <= size and not (n == 1 and k == 2)]
