@@ -269,3 +269,14 @@ def test_shipped_hostfiles_keep_the_pipeline_over_tcp(config_folder, hostfile, r
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("    why: tp 1: tp 2 with rank ") == 2 * ranks
     assert "layouts tried (one-chat ms/token, slowest step): [1" in proc.stdout
+
+
+def test_unknown_bandwidth_keeps_the_pipeline(dense):
+    """No bandwidth, no time to compare: no all-reduce is worth adding (memory decides)."""
+    nodes = hosts(2, "8us", bw="1")  # then drop the bandwidth
+    nodes = [type(n)(n.rank, n.host, n.memory_bytes, None, latency_s=n.latency_s) for n in nodes]
+    for objective in ("chat", "throughput"):
+        plan = plan_job(dense, nodes, 4096, config=DENSE_24, objective=objective)
+        assert plan.groups == [1, 1] and plan.est_ms_per_token is None
+        assert plan.step_ms is None and plan.aggregate_tokens_per_s is None
+        assert "(bandwidth unknown: pure pipeline)" in plan.stages[0].reason

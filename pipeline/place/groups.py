@@ -271,7 +271,7 @@ def _ms(seconds: float) -> str:
 
 
 def _us(seconds: float) -> str:
-    return f"{seconds * 1e6:.3g} us"
+    return f"{seconds * 1e6:.3g} us" if seconds < 1e-3 else _ms(seconds)
 
 
 def _reason(cost: ModelCost, nodes: list[Node], links: list[Link], plan: Plan, s: int,
@@ -320,6 +320,6 @@ def _reason(cost: ModelCost, nodes: list[Node], links: list[Link], plan: Plan, s
     above = [k for k in sorted(problems) if n < k <= size and not (n == 1 and k == 2)]
     if above and (tp is None or tp == n):
         text += f"; not tp {above[0]}: {problems[above[0]]}"
-    if plan.objective == "throughput" and stage.step_ms is not None:
+    if plan.objective == "throughput" and plan.step_ms is not None:
         text += f"; step {stage.step_ms:.3g} ms (slowest {plan.step_ms:.3g} ms)"
     return text
