@@ -40,12 +40,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from itertools import accumulate
 
-from pipeline.place.planner import (DEFAULT_HOP_LATENCY_S, DEFAULT_LINK_BANDWIDTH, ModelCost,
-                                    Node, Plan, PlanError, RankPlan, StageCost, _search,
-                                    _share_bytes, fmt_bytes, share_rows)
+from pipeline.place.planner import (DEFAULT_HOP_LATENCY_S, DEFAULT_LINK_BANDWIDTH,
+                                    HIGH_CONCURRENCY, ModelCost, Node, Plan, PlanError, RankPlan,
+                                    StageCost, _search, _share_bytes, fmt_bytes, share_rows)
 from pipeline.place.split import layer_ranges
 
-HIGH_CONCURRENCY = 32  # sequences per micro-batch for the aggregate bound (mlx-lm's batch cap)
 SAME_HOST_LATENCY_S = 10e-6  # ranks of one host: a shared-memory message (dev box: 14 us, 4 KB)
 SAME_HOST_BANDWIDTH = 10e9  # bytes/s of a shared-memory copy
 MAX_MIXED_RANKS = 5  # up to here every consecutive grouping is tried

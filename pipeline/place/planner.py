@@ -17,6 +17,10 @@ unknown) go to the split with the lowest peak memory use relative to each rank's
 memory: a memory-proportional split. When nothing fits,
 `PlanError` says which ranks are short by how much and what would fit instead.
 No MPI, no MLX: plain numbers in, plain numbers out.
+
+A stage may be a tensor-parallel group of ranks (place/groups.py chooses the groups and adds
+their all-reduces to the stage times `_search` compares); `Plan.groups` says which, and
+`Plan.split` counts layers per stage.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ GiB = 2**30
 # so it can take over part of every batched decode step's head (exec/head.py HeadSplit); the cut
 # then moves where it evens out the two stages' measured time, at most this far.
 HEAD_SHARE_MAX = 0.75
+HIGH_CONCURRENCY = 32  # sequences per micro-batch for the aggregate bound (mlx-lm's batch cap)
 
 
 class PlanError(SplitError):
@@ -144,7 +149,7 @@ class StageCost:
     compute_ms: float | None  # reading the stage's bytes, 1/tp of them on each rank
     allreduce_ms: float       # its all-reduces (0 for one rank)
     hop_ms: float             # to the next stage
-    step_ms: float | None     # a micro-batch step at high concurrency (groups.HIGH_CONCURRENCY)
+    step_ms: float | None     # a micro-batch step of HIGH_CONCURRENCY sequences
     reason: str = ""
 
     @property
@@ -208,8 +213,6 @@ class Plan:
 
     @property
     def aggregate_tokens_per_s(self) -> float | None:
-        from pipeline.place.groups import HIGH_CONCURRENCY
-
         return HIGH_CONCURRENCY * 1000.0 / self.step_ms if self.step_ms else None
 
     def stages_json(self) -> list[dict]:
@@ -241,12 +244,6 @@ class Plan:
 
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
-
-
-def hop_seconds(hidden_bytes: int, latency_s: float = DEFAULT_HOP_LATENCY_S,
-                link_bandwidth: float = DEFAULT_LINK_BANDWIDTH) -> float:
-    """Assumed time of one hop of one token's hidden state, when not measured."""
-    return latency_s + hidden_bytes / link_bandwidth
 
 
 def share_rows(cost: ModelCost, size: int) -> int:
