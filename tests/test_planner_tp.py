@@ -140,6 +140,8 @@ def test_forced_tp_and_objective_errors(dense):
     with pytest.raises(PlanError, match=r"^--tp 2 needs a multiple of 2 ranks but the job has 3: "
                                         r"run 4 ranks or use --tp 1 or 3$"):
         plan_job(dense, hosts(3, "8us"), 4096, tp=2)
+    with pytest.raises(PlanError, match=r"^--tp 0 must be at least 1"):
+        plan_job(dense, hosts(2, "8us"), 4096, tp=0)
     with pytest.raises(PlanError, match="--optimize fast is not one of chat, throughput"):
         plan_job(dense, hosts(2, "8us"), 4096, objective="fast")
 
@@ -280,3 +282,18 @@ def test_unknown_bandwidth_keeps_the_pipeline(dense):
         assert plan.groups == [1, 1] and plan.est_ms_per_token is None
         assert plan.step_ms is None and plan.aggregate_tokens_per_s is None
         assert "(bandwidth unknown: pure pipeline)" in plan.stages[0].reason
+
+
+def test_tb4_with_rdma_latency_groups_the_two_fast_macs_for_one_chat():
+    """The same three Macs with lat=8us (RDMA-class links, DESIGN.md): for one chat the
+    MacBook Pro and the Studio split their layers; many sequences still get the pipeline."""
+    text = open("hostfiles/tb4").read().replace("lat=100us", "lat=8us")
+    nodes = nodes_from_hostfile(parse_hostfile_text(text))
+    config = dict(LLAMA_70B_4BIT)
+    cost = config_cost(config)
+    chat = plan_job(cost, nodes, 131072, config=config)
+    assert chat.groups == [1, 2] and chat.split == [1, 79]
+    assert chat.stages[1].reason.startswith("tp 2: link 8 us, 2 x 79 all-reduces of 29.1 us")
+    assert chat.tokens_per_s > 1.15 * plan_job(cost, nodes, 131072, tp=1).tokens_per_s
+    batch = plan_job(cost, nodes, 131072, config=config, objective="throughput")
+    assert batch.groups == [1, 1, 1] and batch.split == [12, 28, 40]

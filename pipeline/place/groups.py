@@ -107,7 +107,9 @@ def layouts(size: int, tp: int | None = None, problems: dict[int, str] | None = 
     stage; problems: group sizes the model cannot split -> why (tp.tp_problem)."""
     problems = problems or {}
     if tp is not None:
-        if tp < 1 or size % tp:
+        if tp < 1:
+            raise PlanError(f"--tp {tp} must be at least 1 (1: a pure pipeline)")
+        if size % tp:
             fits = [d for d in range(1, size + 1) if size % d == 0]
             raise PlanError(f"--tp {tp} needs a multiple of {tp} ranks but the job has {size}: "
                             f"run {tp * max(1, -(-size // tp))} ranks or use --tp "
