@@ -297,3 +297,10 @@ def test_tb4_with_rdma_latency_groups_the_two_fast_macs_for_one_chat():
     assert chat.tokens_per_s > 1.15 * plan_job(cost, nodes, 131072, tp=1).tokens_per_s
     batch = plan_job(cost, nodes, 131072, config=config, objective="throughput")
     assert batch.groups == [1, 1, 1] and batch.split == [12, 28, 40]
+
+
+def test_forced_tp_suggests_only_sizes_the_model_takes():
+    cost = config_cost(QWEN2_05B)
+    with pytest.raises(PlanError, match=r"^--tp 2 needs a multiple of 2 ranks but the job has 3: "
+                                        r"run 4 ranks or use --tp 1$"):
+        plan_job(cost, hosts(3, "8us"), 4096, tp=2, config=QWEN2_05B)

@@ -110,7 +110,7 @@ def layouts(size: int, tp: int | None = None, problems: dict[int, str] | None = 
         if tp < 1:
             raise PlanError(f"--tp {tp} must be at least 1 (1: a pure pipeline)")
         if size % tp:
-            fits = [d for d in range(1, size + 1) if size % d == 0]
+            fits = [d for d in range(1, size + 1) if size % d == 0 and d not in problems]
             raise PlanError(f"--tp {tp} needs a multiple of {tp} ranks but the job has {size}: "
                             f"run {tp * max(1, -(-size // tp))} ranks or use --tp "
                             f"{' or '.join(map(str, fits))}")
