@@ -12,7 +12,8 @@ from pipeline.place.groups import (HIGH_CONCURRENCY, LOGIT_BYTES, SAME_HOST_LATE
                                    Link, allgather_s, allreduce_s, layouts, plan_layout,
                                    ring_links)
 from pipeline.place.hostfile import HostfileError, parse_hostfile_text, parse_latency
-from pipeline.place.planner import DEFAULT_HOP_LATENCY_S, DEFAULT_LINK_BANDWIDTH, HEADROOM_BYTES, PlanError
+from pipeline.place.planner import (DEFAULT_HOP_LATENCY_S, DEFAULT_LINK_BANDWIDTH, HEADROOM_BYTES,
+                                    PlanError)
 from pipeline.place.preflight import nodes_from_hostfile, plan_job
 from pipeline.place.tp import is_shardable, tp_problem
 

@@ -154,7 +154,9 @@ class StageCost:
 
     @property
     def ms(self) -> float | None:
-        return None if self.compute_ms is None else self.compute_ms + self.allreduce_ms + self.hop_ms
+        if self.compute_ms is None:
+            return None
+        return self.compute_ms + self.allreduce_ms + self.hop_ms
 
 
 @dataclass
@@ -275,9 +277,10 @@ def _search(cost: ModelCost, nodes: list[Node], context: int, memory_fraction: f
     overhead: per node (a stage, for tensor-parallel groups), seconds added per layer and
     once, for one sequence and for a micro-batch step: (layer_s, fixed_s, batch_layer_s,
     batch_fixed_s), its all-reduces (place/groups.py). balance: compare the slowest stage
-    first (the throughput objective); min-max is optimal per state too. Time is integer (bytes x femtoseconds per
-    byte) so that equal bandwidths give exactly equal times; then the slowest stage decides
-    (balanced stages keep a batch's micro-batches flowing, see engine.py), then memory.
+    first (the throughput objective); min-max is optimal per state too. Time is integer
+    (bytes x femtoseconds per byte) so that equal bandwidths give exactly equal times; then
+    the slowest stage decides (balanced stages keep a batch's micro-batches flowing, see
+    engine.py), then memory.
     """
     n, size = cost.num_layers, len(nodes)
     wsum = [0, *accumulate(cost.layer_bytes)]
