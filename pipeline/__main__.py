@@ -359,6 +359,12 @@ def plan_cmd(
         None, "--dtype", help="Cast floating weights (as the run would): float32, float16, "
         "bfloat16 or checkpoint [default: float32 on a measured CPU, else checkpoint]."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    tp: Optional[int] = typer.Option(
+        None, "--tp", help="Ranks per stage, in tensor parallel [default: the planner "
+        "chooses; 1: pure pipeline]."),
+    optimize: Optional[str] = typer.Option(
+        None, "--optimize", help="chat (one sequence's speed) or throughput (many sequences) "
+        "[default: print both plans]."),
 ):
     """Show how the layers would be placed (no weights loaded); under mpirun, measured."""
     from mpi4py import MPI
@@ -368,7 +374,8 @@ def plan_cmd(
     if dtype is not None and dtype not in DTYPE_NAMES:
         _fail(f"--dtype {dtype} is not one of {', '.join(DTYPE_NAMES)}")
     raise typer.Exit(run_plan(model, hostfile, max_context, memory_fraction, as_json,
-                              MPI.COMM_WORLD, dtype=dtype, split=split))
+                              MPI.COMM_WORLD, dtype=dtype, split=split, tp=tp,
+                              optimize=optimize))
 
 
 @app.command("doctor")

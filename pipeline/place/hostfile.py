@@ -13,6 +13,10 @@ a trailing comment that mpirun ignores:
 - `iface`: the network interface the other hosts should reach this one by (`bridge0` for a
   Thunderbolt bridge): `doctor` warns when the route from the previous rank leaves by
   another, e.g. Wi-Fi on the same subnet.
+- `lat`: the one-way latency of this host's network link, with a unit: `lat=8us`,
+  `lat=0.3ms`, `lat=1e-4s`. The planner reads a link between two hosts as the slower end's;
+  ranks of one host talk through shared memory (place/groups.py SAME_HOST_LATENCY_S). It
+  decides whether tensor parallel pays across that link; measured hops (mpirun) replace it.
 - `chip`, `name`: free text for tables.
 
 Ranks map to lines in slot order (mpirun's default `--map-by slot`): rank 0 takes the first
@@ -30,9 +34,11 @@ from pathlib import Path
 
 ANNOTATION = "pipeline:"
 _OMPI_KEYS = {"slots", "max_slots", "max-slots", "slots_max"}
-_ANNOTATION_KEYS = {"mem", "bw", "iface", "chip", "name"}
+_ANNOTATION_KEYS = {"mem", "bw", "lat", "iface", "chip", "name"}
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?$", re.IGNORECASE)
 _EXPONENT = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+_DURATION = re.compile(r"^(\d+(?:\.\d*)?(?:e[-+]?\d+)?)\s*(us|µs|ms|s)$", re.IGNORECASE)
+_SECONDS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
 class HostfileError(ValueError):
@@ -47,6 +53,7 @@ class HostEntry:
     slots: int | None = None           # None: not given (mpirun then uses the host's cores)
     memory_bytes: int | None = None    # `mem=`: the host's memory (shared by its slots)
     bandwidth: float | None = None     # `bw=`: memory bandwidth, bytes/s
+    latency_s: float | None = None     # `lat=`: one-way latency of its link, seconds
     iface: str | None = None           # `iface=`: the interface this host is reached by
     chip: str | None = None
     name: str | None = None
@@ -82,6 +89,17 @@ def parse_bandwidth(text: str) -> float:
     return value
 
 
+def parse_latency(text: str) -> float:
+    """'8us', '0.3ms' or '1e-4s' -> seconds; a unit is required (a bare 8 is ambiguous)."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise ValueError(f"'{text}' is not a latency such as 8us, 0.3ms or 0.001s")
+    seconds = float(m.group(1)) * _SECONDS[m.group(2).lower()]
+    if seconds <= 0:
+        raise ValueError(f"'{text}' is not a positive latency")
+    return seconds
+
+
 def _parse_annotation(text: str) -> dict:
     try:
         words = shlex.split(text)
@@ -100,6 +118,8 @@ def _parse_annotation(text: str) -> dict:
                 raise ValueError(f"mem={value} must be positive")
         elif key == "bw":
             fields["bandwidth"] = parse_bandwidth(value)
+        elif key == "lat":
+            fields["latency_s"] = parse_latency(value)
         else:
             fields[key] = value
     return fields

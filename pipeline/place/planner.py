@@ -17,6 +17,10 @@ unknown) go to the split with the lowest peak memory use relative to each rank's
 memory: a memory-proportional split. When nothing fits,
 `PlanError` says which ranks are short by how much and what would fit instead.
 No MPI, no MLX: plain numbers in, plain numbers out.
+
+A stage may be a tensor-parallel group of ranks (place/groups.py chooses the groups and adds
+their all-reduces to the stage times `_search` compares); `Plan.groups` says which, and
+`Plan.split` counts layers per stage.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ GiB = 2**30
 # so it can take over part of every batched decode step's head (exec/head.py HeadSplit); the cut
 # then moves where it evens out the two stages' measured time, at most this far.
 HEAD_SHARE_MAX = 0.75
+HIGH_CONCURRENCY = 32  # sequences per micro-batch for the aggregate bound (mlx-lm's batch cap)
 
 
 class PlanError(SplitError):
@@ -51,6 +56,7 @@ class Node:
     memory_bytes: int               # this rank's memory (its share of the host's, after caps)
     bandwidth: float | None = None  # memory bandwidth, bytes/s; None: unknown
     limit_bytes: int | None = None  # hard cap besides the fraction (e.g. a GPU working set)
+    latency_s: float | None = None  # declared one-way latency of its host's link (`lat=`)
 
     def usable(self, memory_fraction: float) -> int:
         usable = int(self.memory_bytes * memory_fraction)
@@ -115,6 +121,7 @@ class RankPlan:
     est_ms_per_token: float | None  # reading its token's bytes, plus its outgoing hop
     head_rows: int = 0  # the last rank: rows of the head it holds (see HEAD_SHARE_MAX)
     read_bytes: int = 0  # what one token reads here (MoE: less than its weights; head rows: 0)
+    tp: int = 1  # ranks of its stage's tensor-parallel group (each holds 1/tp of the stage)
 
     @property
     def layers(self) -> int:
@@ -131,7 +138,25 @@ class RankPlan:
                 "est_ms_per_token": _round(self.est_ms_per_token),
                 "headroom_bytes": self.headroom_bytes, "need_bytes": self.need_bytes,
                 "usable_bytes": self.usable_bytes, "bandwidth_bytes_per_s": self.bandwidth,
-                "head_rows": self.head_rows, "read_bytes": self.read_bytes}
+                "head_rows": self.head_rows, "read_bytes": self.read_bytes, "tp": self.tp}
+
+
+@dataclass
+class StageCost:
+    """One stage's share of a token's time (place/groups.py has the cost model)."""
+
+    ranks: list[int]
+    compute_ms: float | None  # reading the stage's bytes, 1/tp of them on each rank
+    allreduce_ms: float       # its all-reduces (0 for one rank)
+    hop_ms: float             # to the next stage
+    step_ms: float | None     # a micro-batch step of HIGH_CONCURRENCY sequences
+    reason: str = ""
+
+    @property
+    def ms(self) -> float | None:
+        if self.compute_ms is None:
+            return None
+        return self.compute_ms + self.allreduce_ms + self.hop_ms
 
 
 @dataclass
@@ -140,15 +165,33 @@ class Plan:
     max_context: int
     memory_fraction: float
     hop_ms: float  # all hops of one token round the ring
+    groups: list[int] = None  # ranks per stage, consecutive (None: one rank per stage)
+    stages: list[StageCost] = None  # per stage (None: described per rank, no groups)
+    objective: str = "chat"
+    layouts: list[tuple] = ()  # (groups, one-chat ms, slowest step ms) of every layout tried
+
+    def __post_init__(self):
+        if self.groups is None:
+            self.groups = [1] * len(self.ranks)
+
+    @property
+    def leaders(self) -> list[RankPlan]:
+        """The first rank of each stage (its group's figures stand for the stage)."""
+        starts = [sum(self.groups[:s]) for s in range(len(self.groups))]
+        return [self.ranks[i] for i in starts]
 
     @property
     def split(self) -> list[int]:
-        return [r.layers for r in self.ranks]
+        """Layers per stage."""
+        return [r.layers for r in self.leaders]
 
     @property
     def head_share_rows(self) -> int:
-        """Rows of the head the last rank holds (0: rank 0 computes the whole head)."""
-        return self.ranks[-1].head_rows if len(self.ranks) > 1 else 0
+        """Rows of the head the last rank holds (0: rank 0 computes the whole head; always 0
+        when the first or last stage is a tensor-parallel group)."""
+        if len(self.groups) < 2 or self.groups[0] > 1 or self.groups[-1] > 1:
+            return 0
+        return self.ranks[-1].head_rows
 
     @property
     def bandwidth_known(self) -> bool:
@@ -156,15 +199,41 @@ class Plan:
 
     @property
     def est_ms_per_token(self) -> float | None:
-        return sum(r.est_ms_per_token for r in self.ranks) if self.bandwidth_known else None
+        """One sequence: every stage in turn (a group's ranks work at once)."""
+        return sum(r.est_ms_per_token for r in self.leaders) if self.bandwidth_known else None
+
+    @property
+    def step_ms(self) -> float | None:
+        """The slowest stage's micro-batch step at high concurrency (None: not modelled)."""
+        steps = [s.step_ms for s in self.stages or ()]
+        return max(steps) if steps and None not in steps else None
 
     @property
     def tokens_per_s(self) -> float | None:
         ms = self.est_ms_per_token
         return 1000.0 / ms if ms else None
 
+    @property
+    def aggregate_tokens_per_s(self) -> float | None:
+        return HIGH_CONCURRENCY * 1000.0 / self.step_ms if self.step_ms else None
+
+    def stages_json(self) -> list[dict]:
+        out = []
+        for s, (lead, cost) in enumerate(zip(self.leaders, self.stages or ())):
+            out.append({"stage": s, "ranks": cost.ranks, "tp": len(cost.ranks),
+                        "layers": lead.layers, "layer_range": list(lead.layer_range),
+                        "compute_ms": _round(cost.compute_ms),
+                        "allreduce_ms": _round(cost.allreduce_ms), "hop_ms": _round(cost.hop_ms),
+                        "est_ms_per_token": _round(cost.ms), "step_ms": _round(cost.step_ms),
+                        "reason": cost.reason})
+        return out
+
     def to_json(self) -> dict:
         return {"ranks": [r.to_json() for r in self.ranks], "split": self.split,
+                "groups": self.groups, "stages": self.stages_json(), "objective": self.objective,
+                "aggregate_tokens_per_s_bound": _round(self.aggregate_tokens_per_s),
+                "layouts": [{"groups": list(g), "est_ms_per_token": _round(ms),
+                             "step_ms": _round(step)} for g, ms, step in self.layouts],
                 "max_context": self.max_context, "memory_fraction": self.memory_fraction,
                 "head_share_rows": self.head_share_rows,
                 "weight_bytes": sum(r.weight_bytes for r in self.ranks),
@@ -179,12 +248,6 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def hop_seconds(hidden_bytes: int, latency_s: float = DEFAULT_HOP_LATENCY_S,
-                link_bandwidth: float = DEFAULT_LINK_BANDWIDTH) -> float:
-    """Assumed time of one hop of one token's hidden state, when not measured."""
-    return latency_s + hidden_bytes / link_bandwidth
-
-
 def share_rows(cost: ModelCost, size: int) -> int:
     """Rows of the head the last rank of `size` would hold (0: no shared head)."""
     if size < 2 or not cost.vocab or not cost.head_matrix_bytes:
@@ -197,7 +260,9 @@ def _share_bytes(cost: ModelCost, rows: int) -> int:
 
 
 def _search(cost: ModelCost, nodes: list[Node], context: int, memory_fraction: float,
-            headroom: int, use_time: bool, enforce: bool, share: int = 0) -> list[int] | None:
+            headroom: int, use_time: bool, enforce: bool, share: int = 0,
+            overhead: list[tuple[float, float, float, float]] | None = None,
+            balance: bool = False) -> list[int] | None:
     """Dynamic programming over (ranks, layers) for a contiguous split, or None.
 
     share: rows of the head the last rank holds (their bytes count against its memory; for
@@ -207,9 +272,15 @@ def _search(cost: ModelCost, nodes: list[Node], context: int, memory_fraction: f
     Key per partial split: (time, slowest stage's time, peak memory use / usable, sum of
     squared uses), compared in that order. Times count the bytes a token reads, memory the
     bytes held (they differ for a mixture of experts). Each term only grows as ranks are added, so
-    keeping the smallest key per state is optimal. Time is integer (bytes x femtoseconds per
-    byte) so that equal bandwidths give exactly equal times; then the slowest stage decides
-    (balanced stages keep a batch's micro-batches flowing, see engine.py), then memory.
+    keeping the smallest key per state is optimal.
+
+    overhead: per node (a stage, for tensor-parallel groups), seconds added per layer and
+    once, for one sequence and for a micro-batch step: (layer_s, fixed_s, batch_layer_s,
+    batch_fixed_s), its all-reduces (place/groups.py). balance: compare the slowest stage
+    first (the throughput objective); min-max is optimal per state too. Time is integer
+    (bytes x femtoseconds per byte) so that equal bandwidths give exactly equal times; then
+    the slowest stage decides (balanced stages keep a batch's micro-batches flowing, see
+    engine.py), then memory.
     """
     n, size = cost.num_layers, len(nodes)
     wsum = [0, *accumulate(cost.layer_bytes)]
@@ -217,6 +288,9 @@ def _search(cost: ModelCost, nodes: list[Node], context: int, memory_fraction: f
     ksum = [0, *accumulate(cost.kv_bytes(context))]
     known = use_time and all(node.bandwidth for node in nodes)
     fs_per_byte = [round(1e15 / node.bandwidth) if known else 0 for node in nodes]
+    over = [tuple(round(x * 1e15) if known else 0 for x in o)
+            for o in (overhead or [(0.0,) * 4] * size)]
+    order = (lambda k: (k[1], k[0], k[2], k[3])) if balance else (lambda k: k)
     usable = [node.usable(memory_fraction) for node in nodes]
     best: list[list[tuple | None]] = [[None] * (n + 1) for _ in range(size + 1)]
     cut = [[0] * (n + 1) for _ in range(size + 1)]
@@ -237,11 +311,13 @@ def _search(cost: ModelCost, nodes: list[Node], context: int, memory_fraction: f
                 if prev is None:
                     continue
                 use = need / cap if cap > 0 else float("inf")
-                stage_time = reads * fs_per_byte[r - 1]
-                batch_time = (reads - extra + batch_extra) * fs_per_byte[r - 1]
+                layer_s, fixed_s, batch_layer_s, batch_fixed_s = over[r - 1]
+                stage_time = reads * fs_per_byte[r - 1] + (i - j) * layer_s + fixed_s
+                batch_time = ((reads - extra + batch_extra) * fs_per_byte[r - 1]
+                              + (i - j) * batch_layer_s + batch_fixed_s)
                 key = (prev[0] + stage_time, max(prev[1], batch_time), max(prev[2], use),
                        prev[3] + use * use)
-                if best[r][i] is None or key < best[r][i]:
+                if best[r][i] is None or order(key) < order(best[r][i]):
                     best[r][i], cut[r][i] = key, j
     if best[size][n] is None:
         return None
@@ -305,8 +381,10 @@ def plan_layers(cost: ModelCost, nodes: list[Node], max_context: int, *,
         split = _search(cost, nodes, max_context, memory_fraction, headroom_bytes,
                         use_time=True, enforce=True)
     if split is None:
-        raise PlanError(_explain(cost, nodes, max_context, memory_fraction, headroom_bytes,
-                                 alternatives))
+        from pipeline.place.shortfall import explain
+
+        raise PlanError(explain(cost, nodes, max_context, memory_fraction, headroom_bytes,
+                                alternatives))
     return describe_split(cost, nodes, split, max_context, memory_fraction, headroom_bytes, hops,
                           share)
 
@@ -324,7 +402,9 @@ def check_split(cost: ModelCost, nodes: list[Node], split: list[int], max_contex
     if share and any(r.need_bytes > r.usable_bytes for r in plan.ranks):
         plan = describe_split(cost, nodes, split, max_context, memory_fraction, headroom_bytes,
                               hops)
-    short = [_shortfall(r) for r in plan.ranks if r.need_bytes > r.usable_bytes]
+    from pipeline.place.shortfall import shortfall
+
+    short = [shortfall(r) for r in plan.ranks if r.need_bytes > r.usable_bytes]
     if short:
         raise PlanError(f"--split {','.join(map(str, split))} does not fit at --max-context "
                         f"{max_context} and --memory-fraction {memory_fraction:g}:\n  "
@@ -347,64 +427,3 @@ def fmt_bytes(n: float) -> str:
             v = n / scale
             return f"{v:.3g} {unit}" if v < 1000 else f"{v:.0f} {unit}"
     return f"{int(n)} B"
-
-
-def _shortfall(r: RankPlan) -> str:
-    return (f"rank {r.rank} ({r.host}) needs {fmt_bytes(r.need_bytes)} (weights "
-            f"{fmt_bytes(r.weight_bytes)}, KV cache {fmt_bytes(r.kv_bytes)}, headroom "
-            f"{fmt_bytes(r.headroom_bytes)}) but has {fmt_bytes(r.usable_bytes)} usable of "
-            f"{fmt_bytes(r.memory_bytes)}: short by {fmt_bytes(r.need_bytes - r.usable_bytes)}")
-
-
-def _fits(cost, nodes, context, fraction, headroom) -> bool:
-    if len(nodes) > cost.num_layers:
-        return False
-    return _search(cost, nodes, context, fraction, headroom, False, True) is not None
-
-
-def _explain(cost, nodes, context, fraction, headroom, alternatives) -> str:
-    split = _search(cost, nodes, context, fraction, headroom, use_time=False, enforce=False)
-    plan = describe_split(cost, nodes, split, context, fraction, headroom)
-    total_need = sum(r.need_bytes for r in plan.ranks)
-    total_usable = sum(r.usable_bytes for r in plan.ranks)
-    lines = [f"the model does not fit at --max-context {context} and --memory-fraction "
-             f"{fraction:g}: it needs {fmt_bytes(total_need)} (weights "
-             f"{fmt_bytes(cost.weight_bytes)}), the {len(nodes)} rank(s) have "
-             f"{fmt_bytes(total_usable)} usable; the most even split {split} leaves"]
-    lines += [_shortfall(r) for r in plan.ranks if r.need_bytes > r.usable_bytes]
-    fixes = []
-    if _fits(cost, nodes, 1, fraction, headroom):
-        lo, hi = 1, context  # lo fits, hi does not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if _fits(cost, nodes, mid, fraction, headroom) else (lo, mid)
-        fixes.append(f"--max-context {lo - lo % 256 if lo >= 256 else lo}")
-    for label, alt in alternatives:
-        if _fits(alt, nodes, context, fraction, headroom):
-            fixes.append(f"{label} ({fmt_bytes(alt.weight_bytes)} of weights)")
-    extra = _extra_node_memory(cost, nodes, context, fraction, headroom)
-    if extra is not None:
-        fixes.append(f"one more node with at least {extra} GiB of memory "
-                     f"(at --memory-fraction {fraction:g})")
-    if fixes:
-        lines.append("what would fit: " + "; ".join(fixes))
-    else:
-        lines.append("neither fewer context tokens, a quantized variant nor one more node "
-                     "would fit: use a smaller model or several more nodes")
-    return "\n  ".join(lines)
-
-
-def _extra_node_memory(cost, nodes, context, fraction, headroom) -> int | None:
-    """Whole GiB of memory a node appended to the ring needs for the model to fit."""
-    def with_extra(gib: int) -> list[Node]:
-        return [*nodes, Node(len(nodes), "new", gib * GiB)]
-
-    hi = -(-(cost.weight_bytes + sum(cost.kv_bytes(context))) // GiB) * 2 + 2
-    hi = int(hi / fraction) + 1
-    if not _fits(cost, with_extra(hi), context, fraction, headroom):
-        return None
-    lo = 0  # does not fit (it did not without the node)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if _fits(cost, with_extra(mid), context, fraction, headroom) else (mid, hi)
-    return hi

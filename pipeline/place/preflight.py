@@ -3,7 +3,8 @@
 Under mpirun every rank measures itself (memory, bandwidth, disk; cluster.py) and the ring's
 hops are timed (`measure_cluster`, collective); a hostfile then only caps memory (`# pipeline:
 mem=`). Without mpirun a hostfile's declarations are the capacities (one rank per slot).
-Rank 0 then plans (`preflight_plan`: the planner's split, or --split checked to fit). The
+Rank 0 then plans (`preflight_plan`: the planner's split, or --split checked to fit, over
+stages of one rank or of tensor-parallel groups, place/groups.py). The
 `plan` command (commands/plan.py) prints the same decision without loading anything.
 """
 
@@ -15,9 +16,12 @@ from pathlib import Path
 from pipeline.place.cluster import Capacity, CapacityError, gather_capacities, measure_hops
 from pipeline.place.cost import config_cost, default_max_context, model_cost, quantized_alternatives
 from pipeline.place.hostfile import HostEntry, HostfileError, rank_entries, read_hostfile
-from pipeline.place.planner import (DEFAULT_MEMORY_FRACTION, ModelCost, Node, Plan, PlanError,
-                                    check_split, fmt_bytes, hop_seconds, plan_layers)
-from pipeline.place.split import parse_split
+from pipeline.place.groups import layouts, plan_groups, ring_links
+from pipeline.place.planner import (DEFAULT_MEMORY_FRACTION, HEADROOM_BYTES, ModelCost, Node,
+                                    Plan, PlanError, check_split, fmt_bytes)
+from pipeline.place.shortfall import explain
+from pipeline.place.split import check_rank_count, parse_split
+from pipeline.place.tp import is_shardable, tp_problem
 
 
 def _ranks_per_entry(slots: list[HostEntry]) -> dict[int, int]:
@@ -44,7 +48,8 @@ def nodes_from_hostfile(entries: list[HostEntry], source: str = "hostfile") -> l
         if e.memory_bytes is None:
             raise HostfileError(f"{source}:{e.line}: {e.host} declares no memory: planning "
                                 f"without mpirun needs `# pipeline: mem=64G` on every line")
-        nodes.append(Node(rank, e.host, e.memory_bytes // shares[id(e)], e.bandwidth))
+        nodes.append(Node(rank, e.host, e.memory_bytes // shares[id(e)], e.bandwidth,
+                          latency_s=e.latency_s))
     return nodes
 
 
@@ -79,7 +84,8 @@ def nodes_from_capacities(caps: list[Capacity], entries: list[HostEntry] | None 
             memory = min(memory, slots[c.rank].memory_bytes // shares[id(slots[c.rank])])
         bws = by_host.get(c.host)
         nodes.append(Node(c.rank, c.host, memory, sum(bws) / len(bws) if bws else None,
-                          c.memory_limit // share if c.memory_limit else None))
+                          c.memory_limit // share if c.memory_limit else None,
+                          slots[c.rank].latency_s if slots else None))
     return _merge_near_bandwidths(nodes)
 
 
@@ -102,20 +108,57 @@ def _merge_near_bandwidths(nodes: list[Node]) -> list[Node]:
     return [replace(n, bandwidth=merged[n.bandwidth]) if n.bandwidth else n for n in nodes]
 
 
+def tp_problems(config: dict | None, size: int) -> dict[int, str]:
+    """Group sizes 2..size the model cannot be split into -> why (tp.tp_problem)."""
+    if config is None:
+        return {}
+    shardable = is_shardable(config)
+    found = {n: tp_problem(config, n, shardable) for n in range(2, size + 1)}
+    return {n: why for n, why in found.items() if why}
+
+
 def plan_job(cost: ModelCost, nodes: list[Node], max_context: int, *,
              memory_fraction: float = DEFAULT_MEMORY_FRACTION, split: str | None = None,
              hops: float | list[float] | None = None,
-             alternatives: list[tuple[str, ModelCost]] = (), share_head: bool = True) -> Plan:
-    """The placement for a job: the planner's, or the user's `--split` checked to fit.
-    Raises PlanError (a SplitError) with what would fit."""
-    if hops is None:
-        hops = hop_seconds(cost.hidden_bytes)
+             alternatives: list[tuple[str, ModelCost]] = (), share_head: bool = True,
+             tp: int | None = None, objective: str = "chat",
+             config: dict | None = None) -> Plan:
+    """The placement for a job: the planner's, or the user's `--split` (layers per stage)
+    checked to fit. tp: ranks per stage (None: the planner chooses, 1: pure pipeline).
+    objective: "chat" or "throughput" (place/groups.py). config: the model's, to know
+    which group sizes it can be split into (None: any). hops: measured seconds of each
+    rank's outgoing hop (None: from the nodes' declared latencies). Raises PlanError (a
+    SplitError) with what would fit."""
+    if not 0 < memory_fraction <= 1:
+        raise PlanError(f"--memory-fraction {memory_fraction:g} must be in (0, 1]")
+    if max_context < 1:
+        raise PlanError(f"--max-context {max_context} must be at least 1 token")
+    size = len(nodes)
+    problems = tp_problems(config, size) if tp != 1 else {}
+    if tp is not None:
+        layouts(size, tp, problems)  # raises when tp does not divide the ranks or the model
+        check_rank_count(cost.num_layers, size // tp)
+    layers = None
     if split:
-        layers = parse_split(split, cost.num_layers, len(nodes))
-        return check_split(cost, nodes, layers, max_context, memory_fraction=memory_fraction,
-                           hops=hops, share_head=share_head)
-    return plan_layers(cost, nodes, max_context, memory_fraction=memory_fraction, hops=hops,
-                       alternatives=alternatives, share_head=share_head)
+        tp = tp or 1  # without --tp, a split per rank: the pure pipeline
+        layers = parse_split(split, cost.num_layers, size // tp)
+    plan = plan_groups(cost, nodes, ring_links(nodes, cost.hidden_bytes, hops), max_context,
+                       fraction=memory_fraction, headroom=HEADROOM_BYTES, tp=tp,
+                       objective=objective, problems=problems, share_head=share_head,
+                       split=layers)
+    if plan is not None:
+        return plan
+    if layers is not None:
+        if tp == 1:  # names the rank that is short
+            check_split(cost, nodes, layers, max_context, memory_fraction=memory_fraction,
+                        share_head=share_head)
+        raise PlanError(f"--split {split} with --tp {tp} does not fit at --max-context "
+                        f"{max_context} and --memory-fraction {memory_fraction:g}")
+    check_rank_count(cost.num_layers, size)
+    why = explain(cost, nodes, max_context, memory_fraction, HEADROOM_BYTES, alternatives)
+    if tp and tp > 1:
+        why = f"--tp {tp}: no split fits; as a pure pipeline, {why}"
+    raise PlanError(why)
 
 
 HOP_PROBE_BYTES = 16 * 2**10  # about one token's hidden state of a 70B model (8192 x 2 B)
@@ -170,12 +213,15 @@ def preflight_plan(path: Path, config: dict, caps: list[Capacity] | None,
                    max_context: int | None = None,
                    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
                    dtype: str | None = None, split: str | None = None,
-                   dequantize: bool = False, share_head: bool = True) -> Plan:
+                   dequantize: bool = False, share_head: bool = True,
+                   tp: int | None = None, objective: str = "chat") -> Plan:
     """Rank 0, before anything is loaded: the placement of a run on the capacities from
     `measure_cluster` (capped by the hostfile's `mem=`), or `--split` checked against them.
     `dequantize`: the run expands quantized weights at load, so plan with the dense sizes.
-    Raises PlanError (a SplitError) saying which rank is short and what would fit, or
-    HostfileError / ModelError."""
+    tp: ranks per stage (None: the planner chooses; 1: pure pipeline); objective: "chat"
+    (one sequence's token time) or "throughput" (the slowest stage's step, many sequences).
+    Raises PlanError (a SplitError) saying which rank is short and what would fit, or why
+    the model cannot run --tp N, or HostfileError / ModelError."""
     if dequantize and (config.get("quantization") or config.get("quantization_config")):
         cost = config_cost(config, dtype, quantization=None)
     else:
@@ -184,6 +230,6 @@ def preflight_plan(path: Path, config: dict, caps: list[Capacity] | None,
     return plan_job(cost, nodes, max_context or default_max_context(config),
                     memory_fraction=memory_fraction, split=split, hops=hops,
                     alternatives=quantized_alternatives(config, cost.dtype),
-                    share_head=share_head)
+                    share_head=share_head, tp=tp, objective=objective, config=config)
 
 
