@@ -33,11 +33,13 @@ def plan_json(np_, *args):
 
 
 def check_ranges(doc, num_layers):
+    """Stages (consecutive ranks, one per stage or a tensor-parallel group's) cover the layers
+    in order; a group's ranks share their stage's range."""
     ranks = doc["ranks"]
     assert [r["rank"] for r in ranks] == list(range(len(ranks)))
     assert ranks[0]["layer_range"][0] == 0 and ranks[-1]["layer_range"][1] == num_layers
     for a, b in zip(ranks, ranks[1:]):
-        assert a["layer_range"][1] == b["layer_range"][0]
+        assert a["layer_range"][1] == b["layer_range"][0] or a["layer_range"] == b["layer_range"]
     for r in ranks:
         assert r["layers"] == r["layer_range"][1] - r["layer_range"][0] >= 1
         assert r["weight_bytes"] + r["kv_bytes"] + r["headroom_bytes"] <= r["usable_bytes"]

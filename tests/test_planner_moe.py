@@ -375,11 +375,13 @@ def test_deepseek_v3_does_not_fit_tb4_and_says_what_would(config_only, costs):
 
 
 def test_kimi_k2_fits_ethernet_once_the_context_is_cut(config_only, costs):
-    """~1T parameters (538 GiB at 4 bits) in 563 GiB usable: not with a 131072-token cache on
-    every layer; the error names the context that fits, and that one does."""
+    """~1T parameters (538 GiB at 4 bits) in 563 GiB usable: as a pure pipeline (--tp 1), not
+    with a 131072-token cache on every layer; the error names the context that fits, and that
+    one does. (With the two Studios as one tensor-parallel group it fits whole: see
+    tests/test_planner_tp.py.)"""
     model = config_only("kimi-k2")
     proc = run_pipeline(0, "plan", "--model", model, "--hostfile", "hostfiles/ethernet",
-                        timeout=120)
+                        "--tp", "1", timeout=120)
     assert proc.returncode == 2, proc.stdout
     assert "does not fit at --max-context 131072" in proc.stderr
     assert "weights 538 GiB" in proc.stderr
@@ -388,7 +390,7 @@ def test_kimi_k2_fits_ethernet_once_the_context_is_cut(config_only, costs):
     assert 32768 <= context < 131072 and context % 256 == 0
     assert "one more node with at least" in fix
     doc = plan_json("--model", model, "--hostfile", "hostfiles/ethernet",
-                    "--max-context", str(context))
+                    "--max-context", str(context), "--tp", "1")
     check_fits(doc, 61)
     assert doc["model"]["experts"] == 384 and doc["read_bytes"] == costs["kimi-k2"].token_read_bytes
     assert doc["model"]["weight_bytes"] > 570 * GB and doc["tokens_per_s_bound"] > 20
