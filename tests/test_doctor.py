@@ -32,6 +32,7 @@ def test_two_ranks_healthy(model_dir):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert out.startswith("pipeline doctor: 2 rank(s) on 1 host(s); MPI: Open MPI v")
+    assert "tensor parallel: available (MLX's MPI backend started" in out
     rows = rank_rows(out)
     blas = "OpenBLAS" if find_openblas() else "reference BLAS bundled with mlx-cpu"
     for rank in ("0", "1"):

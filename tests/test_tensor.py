@@ -11,7 +11,7 @@ where mlx-lm's own top-two margin is below twice that (after it, both sequences 
 import numpy as np
 import pytest
 
-from conftest import run_json, run_pipeline
+from conftest import mlx_lm_prompt_ids, run_pipeline
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 N_TOKENS = 24
@@ -56,7 +56,11 @@ def check(np_, path, tmp_path, *extra):
     import json
 
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    expected, ref = reference(path, out["prompt_ids"], N_TOKENS)
+    from mlx_lm import load
+
+    ids = mlx_lm_prompt_ids(load(str(path))[1], PROMPT, False)  # mlx-lm tokenizes itself
+    assert out["prompt_ids"] == ids
+    expected, ref = reference(path, ids, N_TOKENS)
     same = next((i for i, m in enumerate(margins(ref)) if m <= 2 * tolerance(ref)[i]),
                 N_TOKENS)
     assert out["tokens"][:same] == expected[:same]
@@ -96,3 +100,35 @@ def test_four_ranks_two_stages_of_two(model_dir, tmp_path):
 
 def test_speculative_decoding_on_a_tensor_parallel_stage(model_dir, tmp_path):
     check(2, model_dir("tiny-llama"), tmp_path, "--tp", "2", "--num-draft-tokens", "4")
+
+
+BATCH_PROMPTS = ["hello there", "The quick brown fox jumps over the lazy dog", "a",
+                 "Once upon a time there was a small village", "what is the answer", "x y z"]
+
+
+@pytest.mark.parametrize("np_, tp", [(2, 2), (4, 2)])
+def test_micro_batches_through_tensor_parallel_stages(model_dir, tmp_path, np_, tp):
+    """batch (micro-batches, batched caches, the group's vocabulary-parallel head) at --tp 2:
+    each sequence follows mlx-lm's one-shot greedy tokens by the near-tie rule."""
+    import json
+
+    model = model_dir("tiny-qwen3-moe")
+    n = 10
+    (tmp_path / "in.jsonl").write_text("".join(
+        json.dumps({"id": f"p{i}", "prompt": p, "max_tokens": n}) + "\n"
+        for i, p in enumerate(BATCH_PROMPTS)))
+    out = tmp_path / "out.jsonl"
+    proc = run_pipeline(np_, "batch", str(tmp_path / "in.jsonl"), "-o", str(out), "--model",
+                        str(model), "--no-chat", "--ignore-eos", "--concurrency", "3",
+                        "--prefill-chunk", "4", "--tp", str(tp))
+    assert proc.returncode == 0, proc.stderr
+    assert f"stages of [{', '.join([str(tp)] * (np_ // tp))}] ranks" in proc.stderr
+    results = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    from mlx_lm import load
+
+    _, tokenizer = load(str(model))
+    for i, prompt in enumerate(BATCH_PROMPTS):
+        ids = mlx_lm_prompt_ids(tokenizer, prompt, False, None)
+        expected, ref = reference(model, ids, n)
+        same = next((k for k, m in enumerate(margins(ref)) if m <= 2 * tolerance(ref)[k]), n)
+        assert results[f"p{i}"]["completion_ids"][:same] == expected[:same], prompt

@@ -201,10 +201,20 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
 
 
+def tensor_parallel_line() -> str:
+    """Whether this job could make tensor-parallel groups (MLX started MPI: wire/mpi.py)."""
+    from pipeline.wire import mpi
+
+    why = mpi.unavailable()
+    if why is None:
+        return "tensor parallel: available (MLX's MPI backend started; groups all-reduce in the graph)"
+    return f"tensor parallel: unavailable ({why})"
+
+
 def format_report(reports, caps, hops_small, hops_large, problems, warnings) -> str:
     hosts = {r.host for r in reports}
     lines = [f"pipeline doctor: {len(reports)} rank(s) on {len(hosts)} host(s); "
-             f"MPI: {reports[0].mpi_library.split(',')[0]}", ""]
+             f"MPI: {reports[0].mpi_library.split(',')[0]}", tensor_parallel_line(), ""]
     rows = [("rank", "host", "python", *PACKAGES, "device", "BLAS", "memory free/total",
              "bandwidth", "disk free", "model files")]
     for r, c in zip(reports, caps or [None] * len(reports)):

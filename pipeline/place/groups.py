@@ -32,7 +32,8 @@ group sizes the model cannot split (tp.py) are skipped. Each layout's layers com
 planner's dynamic programme (planner.py _search) with the groups' all-reduces added; the
 layout with the best objective wins: "chat" the lowest one-chat time, "throughput" the
 lowest slowest step (balanced stages), and within TP_MARGIN of the best, the one with fewest
-all-reduces (an estimated gain of a few % does not pay for another all-reduce per layer).
+all-reduces (an estimated gain of a few % does not pay for another all-reduce per layer;
+nor does one under TP_MIN_GAIN_MS, which keeps tiny models single-rank stages).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ LOGIT_BYTES = 4  # float32 logits gathered from a vocabulary-parallel head
 # The all-reduce terms are estimates: a layout with more all-reduces must beat the best one
 # with fewer by more than this share of the objective.
 TP_MARGIN = 0.05
+# ... and by at least this much (ms a token or a step): a model so small that a group saves
+# less keeps its stages single (its gain would be inside the all-reduces' own jitter).
+TP_MIN_GAIN_MS = 1.0
 OBJECTIVES = ("chat", "throughput")
 
 
@@ -234,9 +238,11 @@ def _key(plan: Plan, objective: str) -> tuple:
 
 
 def _choose(plans: list[Plan], objective: str) -> Plan:
-    """The best plan, or within TP_MARGIN of it the one with fewest all-reduces."""
-    best = min(plans, key=lambda p: _key(p, objective))
-    near = [p for p in plans if _key(p, objective)[0] <= _key(best, objective)[0] * (1 + TP_MARGIN)]
+    """The best plan, or within TP_MARGIN (and TP_MIN_GAIN_MS) of it the one with fewest
+    all-reduces."""
+    best = _key(min(plans, key=lambda p: _key(p, objective)), objective)[0]
+    limit = best + max(best * TP_MARGIN, TP_MIN_GAIN_MS)
+    near = [p for p in plans if _key(p, objective)[0] <= limit]
     return min(near, key=lambda p: (_allreduces(p), _key(p, objective)))
 
 
@@ -315,7 +321,7 @@ def _reason(cost: ModelCost, nodes: list[Node], links: list[Link], plan: Plan, s
             text += f" for {_ms(saved)} saved" if saved > 0 else " and save nothing"
             if 0 < 2 * layers * ar < saved:
                 text += (f" (whole plans compared in the layouts tried: more all-reduces must "
-                         f"win by over {TP_MARGIN:.0%})")
+                         f"win by over {TP_MARGIN:.0%} and {TP_MIN_GAIN_MS:g} ms)")
         else:
             text += " (bandwidth unknown: pure pipeline)"
     above = [k for k in sorted(problems) if n < k <= size and not (n == 1 and k == 2)]
