@@ -291,9 +291,11 @@ def serve_cmd(
     max_context: Optional[int] = MAX_CONTEXT, memory_fraction: float = MEMORY_FRACTION,
     distribute: Optional[bool] = DISTRIBUTE, share_head: bool = SHARE_HEAD,
     tp: Optional[int] = TP, optimize: Optional[str] = OPTIMIZE,
-    verbose: bool = VERBOSE,
+    prompt_lookup: bool = PROMPT_LOOKUP, num_draft_tokens: int = NUM_DRAFT_TOKENS,
+    draft_model: Optional[str] = DRAFT_MODEL, verbose: bool = VERBOSE,
 ):
-    """OpenAI-compatible API (/v1) and a chat page (/) on rank 0; the other ranks serve layers."""
+    """OpenAI-compatible API (/v1) and a chat page (/) on rank 0; the other ranks serve layers.
+    With --concurrency 1 each request is one chat at a time, with speculative decoding."""
     from pipeline.serve.server import check_api_key, listen_socket, model_name, run_serve
 
     opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize,
@@ -313,6 +315,10 @@ def serve_cmd(
             opts.refuse = str(e)
 
     def body(driver):
+        if concurrency == 1:  # more at once: micro-batches keep the stages busy instead
+            from pipeline.commands.chat import set_drafting
+
+            set_drafting(driver, prompt_lookup, num_draft_tokens, draft_model, opts)
         run_serve(driver, sock, model_name(model), concurrency, max_queue, max_tokens, verbose,
                   api_key)
 

@@ -95,7 +95,9 @@ def test_three_ranks_one_group_of_three(model_dir, tmp_path):
 def test_four_ranks_two_stages_of_two(model_dir, tmp_path):
     out, err = check(4, model_dir("tiny-qwen3-moe"), tmp_path, "--tp", "2", "--no-prompt-lookup")
     assert "stages of [2, 2] ranks" in err
-    assert [r["layer_range"][0] for r in out["ranks"]] == [0, 0, 4, 4]
+    ranges = [r["layer_range"] for r in out["ranks"]]
+    assert ranges[0] == ranges[1] and ranges[2] == ranges[3]  # each group shares its stage's
+    assert ranges[0][0] == 0 and ranges[0][1] == ranges[2][0] and ranges[2][1] == 7
 
 
 def test_speculative_decoding_on_a_tensor_parallel_stage(model_dir, tmp_path):
@@ -132,3 +134,36 @@ def test_micro_batches_through_tensor_parallel_stages(model_dir, tmp_path, np_, 
         expected, ref = reference(model, ids, n)
         same = next((k for k, m in enumerate(margins(ref)) if m <= 2 * tolerance(ref)[k]), n)
         assert results[f"p{i}"]["completion_ids"][:same] == expected[:same], prompt
+
+
+def test_repl_turns_reuse_the_cache_on_every_rank_of_a_group(model_dir):
+    """Chat turns at 4 ranks as 2 stages of 2: the second turn keeps the first turn's cache
+    (every rank of each group trims alike: a rank out of step would fail its all-reduces),
+    /reset clears it on all of them."""
+    script = "hello there\n/stats\nand a second line\n/stats\n/reset\nagain\n/stats\n/quit\n"
+    proc = run_pipeline(4, "--model", str(model_dir("tiny-qwen2")), "--max-tokens", "8",
+                        "--tp", "2", input=script, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "stages of [2, 2] ranks" in proc.stderr
+    stats = proc.stdout.split("prompt: ")[1:]
+    assert len(stats) == 3
+    assert "reused from cache" not in stats[0] and "reused from cache" in stats[1]
+    assert "reused from cache" not in stats[2]
+
+
+SHARDABLE = ["tiny-qwen2", "tiny-qwen3", "tiny-deepseek-v3", "tiny-glm4-moe", "tiny-gpt-oss"]
+
+
+@pytest.mark.parametrize("arch", SHARDABLE)
+def test_every_architecture_mlx_lm_can_shard(model_dir, tmp_path, arch):
+    out, err = check(2, model_dir(arch), tmp_path, "--tp", "2", "--no-prompt-lookup")
+    assert "stages of [2] ranks" in err
+
+
+def test_a_group_the_model_cannot_split_is_refused_with_the_numbers(model_dir):
+    # tiny-mistral has one KV head: no way to give each of 2 ranks whole KV heads
+    proc = run_pipeline(2, "--model", str(model_dir("tiny-mistral")), "--prompt", "hi",
+                        "--tp", "2")
+    assert proc.returncode == 2, proc.stderr
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("pipeline: error:"))
+    assert "1 KV head" in line and "--tp 2" in line, line

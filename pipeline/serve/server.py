@@ -95,6 +95,7 @@ class Server:
         self.active = 0  # requests accepted and not yet answered (running or queued)
         self.served = self.rejected = self.generated = 0
         self.engine_done = self.engine_tokens = 0  # main thread: sequences ended, tokens made
+        self.passes = self.drafted = self.accepted = 0  # main thread: --concurrency 1 drafting
         self.last: dict | None = None
         self.ranks: list[dict] = []
         self.ranks_at = 0.0
@@ -138,6 +139,8 @@ class Server:
                          "running": self.inbox.taken - self.engine_done,
                          "served": self.served, "rejected": self.rejected},
             "tokens_generated": self.generated, "engine_tokens": self.engine_tokens,
+            "speculative": {"passes": self.passes, "drafted": self.drafted,
+                            "accepted": self.accepted},
             "last_request": self.last,
             "ranks": self.ranks, "ranks_age_s": round(time.time() - self.ranks_at, 1),
         }
@@ -150,6 +153,32 @@ class Server:
     def on_done(self, seq: Sequence) -> None:
         self.engine_done += 1
         self.loop.call_soon_threadsafe(seq.extra["job"].done)
+
+    def run_one_at_a_time(self, driver: Driver, stopping: threading.Event) -> None:
+        """--concurrency 1: each request as a one-shot chat through Driver.generate, which
+        drafts (prompt lookup or --draft-model) and keeps the KV cache of the longest prompt
+        prefix shared with the previous request (a chat resends its whole conversation)."""
+        for seq in self.inbox:
+            seq.started = time.perf_counter()
+            driver.interrupted = False
+            for token, _ in driver.generate(seq.prompt, seq.sampling):
+                if token < 0:
+                    continue
+                now = time.perf_counter()
+                seq.first_token = seq.first_token or now
+                seq.tokens.append(token)
+                seq.token_times.append(now)
+                self.on_token(seq, token)
+                if seq.cancelled or stopping.is_set():
+                    driver.interrupted = True
+            stats = driver.last_stats
+            seq.finish_reason = ("cancelled" if seq.cancelled else
+                                 "interrupted" if stopping.is_set() else stats.finish_reason)
+            self.passes += stats.passes
+            self.drafted += stats.drafted
+            self.accepted += stats.accepted
+            seq.finished = time.perf_counter()
+            self.on_done(seq)
 
     def refresh_ranks(self, driver: Driver) -> None:
         """Per-rank figures; only between engine runs (the other ranks answer when idle)."""
@@ -265,7 +294,10 @@ def run_serve(driver: Driver, sock: socket.socket, model: str, concurrency: int,
             if not http.alive():
                 raise RuntimeError("the HTTP server thread stopped")
             if server.inbox.wait(0.2) and not stop.is_set():
-                engine.run(server.inbox, server.on_done, server.on_token)
+                if concurrency == 1 and driver.drafting is not None:
+                    server.run_one_at_a_time(driver, stop)
+                else:
+                    engine.run(server.inbox, server.on_done, server.on_token)
                 server.refresh_ranks(driver)
     finally:
         server.closing = True

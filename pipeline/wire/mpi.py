@@ -87,7 +87,8 @@ def unavailable() -> str | None:
 
 def finish(code) -> None:
     """End the process with `code` (a SystemExit code). When MLX started MPI: flush, finalize
-    MPI, and leave without Python's teardown (which would free MLX's groups after MPI ends)."""
+    MPI (exit 0 only), and leave without Python's teardown (which would free MLX's groups after
+    MPI ends)."""
     if _world is None:
         return
     status = code if isinstance(code, int) else (0 if code is None else 1)
@@ -95,8 +96,11 @@ def finish(code) -> None:
         print(code, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    from mpi4py import MPI
+    if status == 0:  # every rank ends this way together; MPI_Finalize waits for the others
+        from mpi4py import MPI
 
-    if MPI.Is_initialized() and not MPI.Is_finalized():
-        MPI.Finalize()
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
+    # A failing rank leaves without MPI_Finalize (which would wait for ranks that are not
+    # ending): mpirun sees the non-zero exit and ends the job, as before MLX started MPI.
     os._exit(status)
