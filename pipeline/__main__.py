@@ -365,9 +365,7 @@ def plan_cmd(
         None, "--dtype", help="Cast floating weights (as the run would): float32, float16, "
         "bfloat16 or checkpoint [default: float32 on a measured CPU, else checkpoint]."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    tp: Optional[int] = typer.Option(
-        None, "--tp", help="Ranks per stage, in tensor parallel [default: the planner "
-        "chooses; 1: pure pipeline]."),
+    tp: Optional[int] = TP,
     optimize: Optional[str] = typer.Option(
         None, "--optimize", help="chat (one sequence's speed) or throughput (many sequences) "
         "[default: print both plans]."),

@@ -147,7 +147,7 @@ def launch_checkout(where: Path, venv: Path) -> Path:
 # test's source: it names one of these, or takes a fixture that starts processes.
 _STARTS_PROCESSES = ("run_pipeline", "run_json", "pipeline_cmd", "MPIRUN", "subprocess",
                      "Popen", "netns_json", "LAUNCH")
-_PROCESS_FIXTURES = {"server", "three_hosts", "two_hosts", "netns_ok", "ssh_cluster"}
+_PROCESS_FIXTURES = {"server", "served", "three_hosts", "two_hosts", "netns_ok", "ssh_cluster"}
 
 
 def pytest_collection_modifyitems(config, items):

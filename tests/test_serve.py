@@ -95,18 +95,16 @@ def sse_events(resp, n):
     return events
 
 
-@pytest.fixture(scope="module")
-def server(model_dir):
-    model = model_dir(ARCH)
+def start_server(model, *flags, api_key=API_KEY) -> "Served":
+    """`serve --port 0 FLAGS` over a 2-rank mpirun, once its banner names the URL."""
     proc = subprocess.Popen(
-        pipeline_cmd(2, "serve", "--model", str(model), "--port", "0", "--concurrency",
-                     str(CONCURRENCY), "--max-queue", str(MAX_QUEUE)),
-        env={**mpi_env(), "PIPELINE_API_KEY": API_KEY}, cwd=ROOT, stdout=subprocess.PIPE,
+        pipeline_cmd(2, "serve", "--model", str(model), "--port", "0", *flags),
+        env={**mpi_env(), "PIPELINE_API_KEY": api_key}, cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     lines, err = queue.Queue(), []
     threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout], daemon=True).start()
     threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
-    url, deadline = None, time.monotonic() + 180
+    url, banner, deadline = None, "", time.monotonic() + 180
     while url is None and time.monotonic() < deadline and proc.poll() is None:
         try:
             banner = lines.get(timeout=1)
@@ -117,14 +115,28 @@ def server(model_dir):
     if url is None:
         proc.kill()
         pytest.fail("the server did not start:\n" + "".join(err))
-    yield Served(proc, url, model, err, banner)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGUSR1)
+    served = Served(proc, url, model, err, banner)
+    served.auth = {"Authorization": f"Bearer {api_key}"}
+    return served
+
+
+def stop_server(served: "Served") -> None:
+    """launch/mpirun's Ctrl-C (SIGUSR1) to every rank; kill after 30 s."""
+    if served.proc.poll() is None:
+        served.proc.send_signal(signal.SIGUSR1)
         try:
-            proc.wait(timeout=30)
+            served.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            served.proc.kill()
+            served.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    served = start_server(model_dir(ARCH), "--concurrency", str(CONCURRENCY), "--max-queue",
+                          str(MAX_QUEUE))
+    yield served
+    stop_server(served)
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,9 @@
 decoding (prompt lookup) and the KV cache of the prefix shared with the previous request; the
 text still equals single-process mlx-lm's greedy text."""
 
-import queue
-import re
-import signal
-import subprocess
-import threading
-import time
-
 import pytest
 
-from conftest import ROOT, mpi_env, pipeline_cmd
-from test_serve import Served, encode
+from test_serve import encode, start_server, stop_server
 
 ARCH = "tiny-llama"
 # Repeats itself, so prompt lookup has n-grams to propose from the first token on.
@@ -22,32 +14,10 @@ PROMPT = ("red green blue yellow red green blue yellow red green blue yellow red
 
 @pytest.fixture(scope="module")
 def served(model_dir):
-    proc = subprocess.Popen(
-        pipeline_cmd(2, "serve", "--model", str(model_dir(ARCH)), "--port", "0",
-                     "--concurrency", "1", "--max-queue", "2", "--num-draft-tokens", "4"),
-        env={**mpi_env(), "PIPELINE_API_KEY": "k"}, cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-    lines, err = queue.Queue(), []
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
-    url, deadline = None, time.monotonic() + 180
-    while url is None and time.monotonic() < deadline and proc.poll() is None:
-        try:
-            m = re.search(r"at (http://127\.0\.0\.1:\d+)/ ", lines.get(timeout=1))
-            url = m and m.group(1)
-        except queue.Empty:
-            pass
-    if url is None:
-        proc.kill()
-        pytest.fail("the server did not start:\n" + "".join(err))
-    s = Served(proc, url, model_dir(ARCH), err, "")
-    s.auth = {"Authorization": "Bearer k"}
-    yield s
-    proc.send_signal(signal.SIGUSR1)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    served = start_server(model_dir(ARCH), "--concurrency", "1", "--max-queue", "2",
+                          "--num-draft-tokens", "4", api_key="k")
+    yield served
+    stop_server(served)
 
 
 def mlx_lm_text(path, prompt_ids, n):

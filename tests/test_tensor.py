@@ -167,3 +167,16 @@ def test_a_group_the_model_cannot_split_is_refused_with_the_numbers(model_dir):
     assert proc.returncode == 2, proc.stderr
     line = next(x for x in proc.stderr.splitlines() if x.startswith("pipeline: error:"))
     assert "1 KV head" in line and "--tp 2" in line, line
+
+
+def test_without_mlx_mpi_tp_is_refused_and_the_default_is_a_pipeline(model_dir):
+    env = {"PIPELINE_MLX_MPI": "0"}  # MPI left to mpi4py: no groups can be made
+    path = str(model_dir("tiny-llama"))
+    proc = run_pipeline(2, "--model", path, "--prompt", "hi", "--tp", "2", env_extra=env)
+    assert proc.returncode == 2, proc.stderr
+    assert ("pipeline: error: --tp 2: tensor parallelism is unavailable here: "
+            "PIPELINE_MLX_MPI=0 is set") in proc.stderr
+    proc = run_pipeline(2, "--model", path, "--prompt", "hi", "--max-tokens", "4",
+                        env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "stages of" not in proc.stderr  # one rank per stage

@@ -85,10 +85,17 @@ def unavailable() -> str | None:
     return _why_not
 
 
+FINALIZE_WAIT_S = 10.0  # MPI_Finalize waits for every rank; a rank left alone stops anyway
+
+
 def finish(code) -> None:
     """End the process with `code` (a SystemExit code). When MLX started MPI: flush, finalize
-    MPI (exit 0 only), and leave without Python's teardown (which would free MLX's groups after
-    MPI ends)."""
+    MPI, and leave without Python's teardown (which would free MLX's groups after MPI ends).
+
+    MPI_Finalize waits for the other ranks, which keeps a rank that fails with the others (a
+    usage error every rank found) from ending the job before rank 0 has said why; should the
+    others not come (a peer stuck or gone), the process leaves after FINALIZE_WAIT_S anyway
+    and mpirun ends the job."""
     if _world is None:
         return
     status = code if isinstance(code, int) else (0 if code is None else 1)
@@ -96,11 +103,13 @@ def finish(code) -> None:
         print(code, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    if status == 0:  # every rank ends this way together; MPI_Finalize waits for the others
-        from mpi4py import MPI
+    import threading
 
-        if MPI.Is_initialized() and not MPI.Is_finalized():
-            MPI.Finalize()
-    # A failing rank leaves without MPI_Finalize (which would wait for ranks that are not
-    # ending): mpirun sees the non-zero exit and ends the job, as before MLX started MPI.
+    from mpi4py import MPI
+
+    watchdog = threading.Timer(FINALIZE_WAIT_S, os._exit, [status])
+    watchdog.daemon = True
+    watchdog.start()
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
     os._exit(status)
