@@ -81,6 +81,9 @@ def run_one_shot(driver: Driver, prompt: str, system: str | None, chat: bool | N
 EOT_LINE = "\x04"
 
 
+READ_SLICE_S = 0.1
+
+
 class InputReader:
     """Whole messages from a file descriptor, read as bytes so bad UTF-8 is caught, not fatal.
 
@@ -97,6 +100,11 @@ class InputReader:
 
     def _line(self) -> bytes | None:
         while b"\n" not in self.buf and not self.eof:
+            # Wait in short slices: a signal that another thread (MPI's, MLX's) takes does not
+            # interrupt a blocking read, and Python runs its handler (Ctrl-C) only between
+            # slices.
+            while not select.select([self.fd], [], [], READ_SLICE_S)[0]:
+                pass
             data = os.read(self.fd, 65536)
             self.eof = not data
             self.buf += data
