@@ -3,7 +3,9 @@
 The mlx-cpu wheel bundles the netlib reference BLAS (measured ~30x slower gemm than
 OpenBLAS). Debian's OpenBLAS exports the same symbols, so preloading it before mlx is
 loaded swaps it in; that needs a re-exec because LD_PRELOAD is read at process start.
-Nothing here imports mlx: `ensure_fast_blas()` must run before it is imported.
+Nothing here imports mlx: `ensure_fast_blas()` must run before it is imported. Before the
+re-exec it also corrects OpenBLAS's kernel choice where a release older than the CPU falls
+back to slow kernels (blas_kernels.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ OPENBLAS_CANDIDATES = (
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
 )
 _REEXEC_MARK = "PIPELINE_BLAS_REEXEC"
+_NOTE = "PIPELINE_BLAS_NOTE"  # what choose_core decided, for the start-up line and doctor
 
 
 def find_openblas() -> str | None:
@@ -38,6 +41,13 @@ def ensure_fast_blas() -> None:
     if (lib is None or lib in preload or os.environ.get("PIPELINE_BLAS") == "reference"
             or os.environ.get(_REEXEC_MARK)):
         return
+    from pipeline.exec.blas_kernels import choose_core
+
+    core, note = choose_core(lib)
+    if core:
+        os.environ["OPENBLAS_CORETYPE"] = core
+    if note:
+        os.environ[_NOTE] = note
     os.environ["LD_PRELOAD"] = f"{lib}:{preload}" if preload else lib
     os.environ[_REEXEC_MARK] = "1"
     sys.stdout.flush()
@@ -60,13 +70,31 @@ def describe() -> tuple[str, str, bool]:
         path = line.split()[-1]
         # numpy bundles its own OpenBLAS (scipy_openblas); mlx only uses a preloaded one
         if "libopenblas" in path and "scipy_openblas" not in path:
-            return device, f"OpenBLAS ({path})", False
+            return device, f"OpenBLAS{_openblas_details(path)} ({path})", False
     return device, "reference BLAS bundled with mlx-cpu", True
 
 
+def _openblas_details(path: str) -> str:
+    """' 0.3.21, SkylakeX kernels' for the OpenBLAS loaded from path (and what was corrected)."""
+    import ctypes
+
+    from pipeline.exec.blas_kernels import corename
+
+    try:
+        lib = ctypes.CDLL(path)  # already loaded: the same handle
+        lib.openblas_get_config.restype = ctypes.c_char_p
+        words = (lib.openblas_get_config() or b"").decode().split()
+    except (OSError, AttributeError):
+        return ""
+    version = next((w for w in words[1:2] if w[:1].isdigit()), "")
+    note = os.environ.get(_NOTE, "")
+    return f" {version}, {corename(lib)} kernels" + (f" ({note})" if note else "")
+
+
 def rows_first_pays() -> bool:
-    """Whether stage.RowsFirstLinear is used: on a CPU with OpenBLAS (measured faster and
-    bitwise equal there), unless PIPELINE_ROWS_FIRST=0 (for side-by-side benchmarks)."""
+    """Whether stage.RowsFirstLinear may be used: on a CPU with OpenBLAS (measured faster
+    there), unless PIPELINE_ROWS_FIRST=0 (for side-by-side benchmarks); each shape is then
+    checked for bitwise equality on the machine (model/rows_first.py)."""
     if os.environ.get("PIPELINE_ROWS_FIRST", "1") == "0":
         return False
     device, name, _ = describe()
