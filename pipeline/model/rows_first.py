@@ -1,0 +1,99 @@
+"""Is the rows-first product (stage.RowsFirstLinear) bitwise equal to nn.Linear's on this machine?
+
+Whether `(W @ x.T).T` sums each dot product in the order `x @ W.T` does depends on the BLAS
+and its kernels: equal on the AMD boxes measured, not on an Intel Xeon with OpenBLAS's
+SkylakeX small-matrix kernels at some shapes. So it is checked here, on the machine that runs
+it, for each (out, in, bias, dtype) a stage holds, at every row count up to 16 (decode) and a
+sample above, and used only where every product was equal. Verdicts are cached per CPU, BLAS,
+thread count and mlx version in $PIPELINE_CACHE/rows-first.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# row counts compared: every decode batch up to 16, then a sample up to ROWS_FIRST_MAX_ROWS
+ROWS_CHECKED = (*range(1, 17), 24, 31, 33, 64, 100, 128, 255)
+CHECK_MAX_PARAMS = 1 << 26  # a larger product is left plain: checking it would take seconds
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key() -> str:
+    """What the verdicts depend on besides the shape."""
+    from pipeline.exec.blas import describe
+
+    return "|".join((_cpu_model(), describe()[1], os.environ.get("OPENBLAS_NUM_THREADS", ""),
+                     mx.__version__))
+
+
+def products_equal(out_dim: int, in_dim: int, bias: bool, dtype, rows=ROWS_CHECKED) -> bool:
+    """Compare RowsFirstLinear with nn.Linear over random weights and inputs of this shape."""
+    from pipeline.model.stage import RowsFirstLinear
+
+    key = mx.random.key(out_dim * 31 + in_dim)
+    wkey, xkey = mx.random.split(key)
+    plain = nn.Linear(in_dim, out_dim, bias=bias)
+    plain.update({"weight": mx.random.normal((out_dim, in_dim), key=wkey).astype(dtype)})
+    if bias:
+        plain.update({"bias": mx.random.normal((out_dim,), key=xkey).astype(dtype)})
+    fast = nn.Linear(in_dim, out_dim, bias=bias)
+    fast.update(plain.parameters())
+    fast.__class__ = RowsFirstLinear
+    x = mx.random.normal((max(rows), in_dim), key=xkey).astype(dtype)
+    for n in rows:
+        if not mx.array_equal(plain(x[:n]), fast(x[:n])).item():
+            return False
+    return True
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("PIPELINE_CACHE") or "~/.cache/pipeline").expanduser()
+    return root / "rows-first.json"
+
+
+class ExactShapes:
+    """Verdicts for one machine: `self(out, in, bias, dtype)` says whether rows first is exact."""
+
+    def __init__(self, check=products_equal, cache: Path | None = None):
+        self.check, self.path = check, cache or _cache_file()
+        self.machine = machine_key()
+        try:
+            self.known = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.known = {}
+        self.checked = 0  # shapes compared in this process (not taken from the cache)
+
+    def __call__(self, out_dim: int, in_dim: int, bias: bool, dtype) -> bool:
+        if out_dim * in_dim > CHECK_MAX_PARAMS:
+            return False
+        key = f"{self.machine}|{out_dim}x{in_dim}|{int(bias)}|{dtype}"
+        if key not in self.known:
+            self.known[key] = self.check(out_dim, in_dim, bias, dtype)
+            self.checked += 1
+            self._save()
+        return bool(self.known[key])
+
+    def _save(self) -> None:
+        try:  # ranks on one host may write at once: each writes whole, the last one wins
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(self.known, indent=1))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
