@@ -171,13 +171,15 @@ def batch_cmd(
     verbose: bool = VERBOSE,
 ):
     """Run a file of prompts with micro-batched pipelining; results stream into OUT."""
-    from pipeline.commands.batch import BatchFileError, Defaults, check_output, run_batch
+    from pipeline.commands.batch import (BatchFileError, Defaults, check_output, run_batch,
+                                         sequences_at_once)
 
     sampling = SamplingParams(temp=temp, top_p=top_p, min_p=min_p, seed=seed,
                         max_tokens=max_tokens, ignore_eos=ignore_eos)
+    at_once = sequences_at_once(prompts, out, concurrency)  # one prompt left: plan one chat
     opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, hostfile,
                     max_context, memory_fraction, distribute, share_head, tp, optimize,
-                    "throughput" if concurrency > 1 else "chat")
+                    sequences=at_once)
     if concurrency < 1:
         _fail("--concurrency must be at least 1")
     try:
@@ -250,8 +252,7 @@ def bench_cmd(
     opts = _options(model, split, dtype, verbose, DEFAULT_PREFILL_CHUNK, dequantize,
                     SamplingParams(max_tokens=gen_tokens), distribute=distribute,
                     share_head=share_head, tp=tp, optimize=optimize,
-                    default_objective="throughput" if max(_int_list(
-                        concurrency, "--concurrency")) > 1 else "chat")
+                    sequences=max(_int_list(concurrency, "--concurrency"), default=1))
     args = (_int_list(prompt_tokens, "--prompt-tokens"), gen_tokens,
             _int_list(concurrency, "--concurrency"), repeats, warmup, prefill_tokens,
             _int_list(prefill_chunks, "--prefill-chunks"), json_out, plot_out, label)
@@ -300,8 +301,7 @@ def serve_cmd(
 
     opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize,
                     SamplingParams(max_tokens=max_tokens), hostfile, max_context, memory_fraction,
-                    distribute, share_head, tp, optimize,
-                    "throughput" if concurrency > 1 else "chat")
+                    distribute, share_head, tp, optimize, sequences=concurrency)
     if concurrency < 1 or max_queue < 0:
         _fail("--concurrency must be at least 1 and --max-queue at least 0")
     if not 0 <= port <= 65535:

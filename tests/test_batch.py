@@ -115,3 +115,28 @@ def test_kill_rank0_mid_run_then_resume(model_dir, tmp_path):
     ids = [json.loads(l)["id"] for l in out.read_text().splitlines()]
     assert sorted(ids) == list(range(24))  # the rest completed, nothing twice
     assert ids[: len(first)] == first
+
+
+def test_plan_follows_the_sequences_there(tmp_path):
+    """min(--concurrency, prompts not yet in OUT) sequences: what the planner plans for."""
+    from pipeline.commands.batch import sequences_at_once
+
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS)])
+    out = tmp_path / "out.jsonl"
+    assert sequences_at_once(tmp_path / "in.jsonl", out, 32) == len(PROMPTS)
+    assert sequences_at_once(tmp_path / "in.jsonl", out, 4) == 4
+    out.write_text("".join(json.dumps({"id": i}) + "\n" for i in range(len(PROMPTS) - 1))
+                   + '{"id": 9, "compl')  # a partial last line is not a result
+    assert sequences_at_once(tmp_path / "in.jsonl", out, 32) == 1
+    assert out.read_text().endswith('"compl')  # only read, never cut here
+    assert sequences_at_once(tmp_path / "missing.txt", out, 8) == 8
+
+
+@pytest.mark.parametrize("lines, words", [(1, "one chat"), (3, "many sequences")])
+def test_batch_plans_for_one_chat_when_one_prompt_runs(model_dir, tmp_path, lines, words):
+    (tmp_path / "in.txt").write_text("".join(f"{p}\n" for p in PROMPTS[:lines]))
+    proc = run_pipeline(2, "batch", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o.jsonl"),
+                        "--model", str(model_dir("tiny-llama")), "--max-tokens", "2",
+                        "--concurrency", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert f"(planned for {words})" in proc.stderr

@@ -95,6 +95,25 @@ def done_ids(out: Path) -> set:
     return ids
 
 
+def sequences_at_once(prompts: Path, out: Path, concurrency: int) -> int:
+    """How many sequences the run will decode at once: min(concurrency, prompts not yet in
+    OUT), what the planner plans for. Reads only; an unreadable file counts as concurrency
+    (the run itself then says what is wrong)."""
+    try:
+        records, _ = read_prompts(prompts)
+        done = set()
+        if out.exists():
+            for line in out.read_bytes().splitlines():
+                try:
+                    done.add(json.dumps(json.loads(line)["id"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+    except (BatchFileError, OSError):
+        return concurrency
+    todo = sum(json.dumps(r["id"]) not in done for r in records)
+    return max(1, min(concurrency, todo))
+
+
 def _sequence(rec: dict, tokenizer, d: Defaults, context: int | None) -> Sequence:
     chat = wants_chat(tokenizer, d.chat)
     if "messages" in rec:

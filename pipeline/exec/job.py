@@ -28,7 +28,7 @@ from pipeline.place.cluster import CapacityError
 from pipeline.errors import EXIT_FAILURE, EXIT_USAGE, JobError, raise_together
 from pipeline.files.prepare import prepare as prepare_files
 from pipeline.place.hostfile import HostfileError
-from pipeline.place.planner import DEFAULT_MEMORY_FRACTION
+from pipeline.place.planner import DEFAULT_MEMORY_FRACTION, HIGH_CONCURRENCY
 from pipeline.place.split import SplitError, check_rank_count, layer_ranges
 from pipeline.place.cost import default_max_context
 from pipeline.place.preflight import measure_cluster, preflight_plan
@@ -58,16 +58,17 @@ class Options:
     share_head: bool = True  # the last rank computes part of batched decode steps' head
     tp: int | None = None  # ranks per stage (tensor parallel); None: the planner chooses
     objective: str = "chat"  # what the planner optimizes: "chat" (one sequence) or "throughput"
+    sequences: int = 1  # decoded at once: the work the plan is for
     refuse: str | None = None  # rank 0 found bad input before start (a taken --port): every
     #                            rank ends at the first collective, before anything loads
 
 
 def checked_options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling,
                     hostfile=None, max_context=None, memory_fraction=0.8, distribute=None,
-                    share_head=False, tp=None, optimize=None,
-                    default_objective="chat") -> Options:
+                    share_head=False, tp=None, optimize=None, sequences=1) -> Options:
     """Options from the command's flags, after what every rank can check alone (ValueError
-    with the one line to print)."""
+    with the one line to print). sequences: how many the command decodes at once (one chat:
+    1); the plan is for them: one chat's speed, or throughput from 2 on, unless --optimize."""
     from pipeline.flags import DTYPE_NAMES, OBJECTIVES
     from pipeline.model.load import resolve_dtype
 
@@ -88,7 +89,11 @@ def checked_options(model, split, dtype, verbose, prefill_chunk, dequantize, sam
                    prefill_chunk=prefill_chunk, dequantize=dequantize, hostfile=hostfile,
                    max_context=max_context, memory_fraction=memory_fraction,
                    distribute=distribute, share_head=share_head, tp=tp,
-                   objective=optimize or default_objective)
+                   objective=optimize or ("throughput" if sequences > 1 else "chat"),
+                   sequences=max(1, sequences))
+
+
+OBJECTIVE_WORDS = {"chat": "one chat", "throughput": "many sequences"}
 
 
 class Log:
@@ -107,10 +112,11 @@ def _plan(opts: Options, path, config: dict, caps, hops, size: int) -> dict:
     plan = preflight_plan(path, config, caps, hops, hostfile=opts.hostfile,
                           max_context=opts.max_context, memory_fraction=opts.memory_fraction,
                           dtype=opts.dtype, split=opts.split, dequantize=_dequantize(opts),
-                          share_head=opts.share_head, tp=_tp(opts), objective=opts.objective)
+                          share_head=opts.share_head, tp=_tp(opts), objective=opts.objective,
+                          sequences=opts.sequences if opts.sequences > 1 else HIGH_CONCURRENCY)
     groups = list(plan.groups)
     return {"split": plan.split, "repo": hub_repo(opts.model), "groups": groups,
-            "head_share_rows": plan.head_share_rows}
+            "head_share_rows": plan.head_share_rows, "objective": opts.objective}
 
 
 def _tp(opts: Options) -> int | None:
@@ -203,7 +209,9 @@ def start(opts: Options, comm=None):
             log(f"holds the head's first {share} rows (shared head)")
         weight_bytes = resident_bytes(stage)
         if blas.rows_first_pays():
-            log(f"{use_rows_first(stage)} linear layers multiply few rows as (W @ x.T).T")
+            switched, plain = use_rows_first(stage)
+            log(f"{switched} linear layers multiply few rows as (W @ x.T).T"
+                + (f"; {plain} left plain (not bitwise equal on this machine)" if plain else ""))
         if hugepages.wanted():
             huge = hugepages.advise(held_parameters(stage).values())
             log(f"{huge / 2**20:.0f} MiB of weights moved onto 2 MiB pages")
@@ -234,7 +242,8 @@ def start(opts: Options, comm=None):
     print(f"pipeline: {size} rank{'s' * (size > 1)} on {len(hosts)} host{'s' * (len(hosts) > 1)}, "
           f"{config['model_type']} {config['num_hidden_layers']} layers split {plan['split']}"
           + (f" over stages of {groups} ranks (tensor parallel within)" if tp_group or any(
-              n > 1 for n in groups) else "") + ", "
+              n > 1 for n in groups) else "")
+          + (f" (planned for {OBJECTIVE_WORDS[plan['objective']]})" if size > 1 else "") + ", "
           f"device {device}, BLAS {blas_name}", file=sys.stderr, flush=True)
     for r, (host, _, name, ref, note) in enumerate(reports):
         if ref:
