@@ -147,69 +147,46 @@ def test_forced_tp_and_objective_errors(dense):
         plan_job(dense, hosts(2, "8us"), 4096, objective="fast")
 
 
-def test_throughput_balances_and_prefers_fewer_allreduces(dense):
-    """Two equal ranks: one chat is faster in tensor parallel; many sequences are not (each
-    stage already reads half the weights per step, without the all-reduces)."""
+def test_throughput_is_the_round_of_every_sequence(dense):
+    """Many sequences: S sequences in one micro-batch per stage; a round (each one token
+    further) is stages x the slowest step. Over a 1.25 GB/s link the all-reduces of 32
+    hidden states cost more than tensor parallel saves: the pure pipeline."""
     plan = plan_job(dense, hosts(2, "8us"), 4096, objective="throughput", config=DENSE_24)
     assert plan.groups == [1, 1] and plan.objective == "throughput"
     steps = [s.step_ms for s in plan.stages]
-    assert plan.step_ms == max(steps)
-    assert plan.aggregate_tokens_per_s == pytest.approx(HIGH_CONCURRENCY * 1000 / max(steps))
-    assert "step " in plan.stages[0].reason
+    assert plan.step_ms == max(steps) and plan.round_ms == 2 * max(steps)
+    assert plan.aggregate_tokens_per_s == pytest.approx(HIGH_CONCURRENCY * 1000 / (2 * max(steps)))
+    assert "step of 16 sequences " in plan.stages[0].reason
+    assert plan.to_json()["sequences"] == HIGH_CONCURRENCY
 
 
-def test_shared_head_only_with_single_rank_ends(dense):
-    nodes = hosts(3, "8us")
-    links = ring_links(nodes, dense.hidden_bytes)
-    rows = {tuple(g): plan_layout(dense, nodes, links, g, 4096, 0.8, HEADROOM_BYTES).head_share_rows
-            for g in ([1, 1, 1], [2, 1], [1, 2], [3])}
-    assert rows[(1, 1, 1)] > 0 and rows[(2, 1)] == rows[(1, 2)] == rows[(3,)] == 0
+def _same_host(n: int, flops: str = "") -> list:
+    text = "".join(f"h slots={n} # pipeline: mem=64G bw=400G {flops}\n")
+    return nodes_from_hostfile(parse_hostfile_text(text))
 
 
-# --- group sizes the model cannot take -------------------------------------------------------
-
-
-def test_tp_problem_names_the_counts():
-    assert tp_problem(QWEN2_05B, 2) is None and tp_problem(QWEN2_05B, 1) is None
-    assert tp_problem(QWEN2_05B, 3) == (
-        "qwen2 has 14 attention heads, 2 KV heads and MLP intermediate size 4864, not "
-        "divisible by 3: use --tp 2 or a pure pipeline")
-    assert tp_problem(dict(QWEN2_05B, num_attention_heads=15, num_key_value_heads=5), 2) == (
-        "qwen2 has 15 attention heads and 5 KV heads, not divisible by 2: use a pure pipeline "
-        "(--tp 1)")
-    assert tp_problem(QWEN3_235B, 4) is None  # 64 heads, 4 KV heads, experts of 1536
-    assert "expert" not in (tp_problem(QWEN3_235B, 3) or "")  # 1536 / 3 is whole
-    assert tp_problem(DENSE_24, 2, shardable=False) == (
-        "mlx-lm has no tensor-parallel split (shard) for model_type llama")
-    assert is_shardable(QWEN2_05B) and is_shardable(KIMI_K2)  # kimi_k2 -> deepseek_v3
-    assert not is_shardable(dict(QWEN2_05B, model_type="no_such_model"))
-
-
-def test_auto_avoids_tp3_and_forced_tp3_says_why():
-    cost = config_cost(QWEN2_05B)
-    nodes = hosts(3, "8us")
-    plan = plan_job(cost, nodes, 4096, config=QWEN2_05B)
-    assert 3 not in plan.groups and all(3 not in g for g, _, _ in plan.layouts)
-    assert any("not tp 3: qwen2 has 14 attention heads" in s.reason for s in plan.stages)
-    with pytest.raises(PlanError, match=r"^--tp 3: qwen2 has 14 attention heads, 2 KV heads"):
-        plan_job(cost, nodes, 4096, tp=3, config=QWEN2_05B)
-    assert layouts(3) == [[1, 1, 1], [1, 2], [2, 1], [3]]
-    assert layouts(3, problems={2: "x"}) == [[1, 1, 1], [3]]
-
-
-def test_groups_pool_memory_kimi_k2_fits_ethernet_in_tp():
-    """Kimi-K2 4-bit at its full context does not fit the five Macs as a pure pipeline (its
-    8.8 GiB layers do not pack); two Mac Studios in one group halve the grain and it fits."""
-    cost = config_cost(KIMI_K2)
-    nodes = nodes_from_hostfile(parse_hostfile_text(open("hostfiles/ethernet").read()))
-    with pytest.raises(PlanError, match="--max-context"):
-        plan_job(cost, nodes, 131072, tp=1, config=KIMI_K2)
-    plan = plan_job(cost, nodes, 131072, config=KIMI_K2)
-    assert 2 in plan.groups
-    assert all(r.need_bytes <= r.usable_bytes for r in plan.ranks)
-
-
-# --- `plan` on the shipped hostfiles -------------------------------------------------------
+def test_throughput_takes_tensor_parallel_while_steps_read_and_the_pipeline_once_they_compute(
+        dense):
+    """Ranks of one host (shared-memory all-reduces): while a step is the weights' read,
+    one stage of two reads each half once per round where two stages read each half twice,
+    so tensor parallel wins for throughput too; once the arithmetic dominates (a slow
+    flops= rate), every stage is busy either way and the pipeline saves the all-reduces."""
+    reading = plan_job(dense, _same_host(2), 4096, objective="throughput", config=DENSE_24)
+    assert reading.groups == [2]
+    rounds = {g: ms for g, _, ms in reading.layouts}
+    assert rounds[(2,)] < rounds[(1, 1)] * (1 - TP_MARGIN)
+    computing = plan_job(dense, _same_host(2, "flops=2T"), 4096, objective="throughput",
+                         config=DENSE_24)
+    assert computing.groups == [1, 1]
+    step = computing.stages[0]
+    reads = computing.leaders[0].read_bytes
+    arithmetic = 16 * 2 * reads / dense.bytes_per_param / 2e12 * 1e3
+    assert step.step_ms == pytest.approx(arithmetic, rel=0.05)  # (the head's share aside)
+    assert step.step_ms > 2 * reads / 400e9 * 1e3  # longer than the read
+    # the sequences decide too: 2 at once are one per micro-batch, a read again
+    two = plan_job(dense, _same_host(2, "flops=2T"), 4096, objective="throughput",
+                   config=DENSE_24, sequences=2)
+    assert two.groups == [2]
 
 
 @pytest.fixture

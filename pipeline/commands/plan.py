@@ -27,7 +27,7 @@ from pipeline.model.spec import ModelError, resolve_model
 from pipeline.model.shell import UnsupportedModel
 from pipeline.place.cluster import CapacityError, measure_capacity
 from pipeline.place.cost import default_max_context, model_cost, quantized_alternatives
-from pipeline.place.groups import HIGH_CONCURRENCY, OBJECTIVES
+from pipeline.place.groups import OBJECTIVES
 from pipeline.place.hostfile import HostfileError
 from pipeline.place.planner import DEFAULT_MEMORY_FRACTION, HEADROOM_BYTES, ModelCost, Plan, fmt_bytes
 from pipeline.place.preflight import nodes_for, measure_cluster, plan_job
@@ -76,9 +76,13 @@ def format_plan(plan: Plan, cost: ModelCost, labels: list[str], header: list[str
         lines.append(f"\ntokens/s bound: {_fmt_number(plan.tokens_per_s)} (one sequence: {read} / "
                      f"bandwidth per rank{tp} + {plan.hop_ms:.3g} ms of hops per token)")
         if plan.aggregate_tokens_per_s is not None:
-            lines.append(f"aggregate tokens/s bound at {HIGH_CONCURRENCY} concurrent: "
-                         f"{_fmt_number(plan.aggregate_tokens_per_s)} ({HIGH_CONCURRENCY} / "
-                         f"slowest stage's step of {plan.step_ms:.3g} ms)")
+            stages, rates = len(plan.groups), all(r.flops for r in plan.ranks)
+            lines.append(f"aggregate tokens/s bound at {plan.sequences} concurrent: "
+                         f"{_fmt_number(plan.aggregate_tokens_per_s)} ({plan.sequences} / "
+                         f"{stages} stage{'s' * (stages > 1)} x slowest step of "
+                         f"{plan.step_ms:.3g} ms; " + ("steps: reading the weights or the "
+                         "arithmetic, the longer" if rates else "steps: reading the weights "
+                         "(no flops= rate: arithmetic not counted)") + ")")
     else:
         lines.append("\ntokens/s bound: unknown (bandwidth not known for every rank: "
                      "split in proportion to memory)")

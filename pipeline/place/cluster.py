@@ -27,6 +27,9 @@ PROBE_SECONDS = 0.3
 PROBE_BYTES_CPU = 128 * 2**20  # well past the last-level cache
 PROBE_BYTES_GPU = 256 * 2**20  # x PROBE_GPU_BATCH products per timed evaluation
 PROBE_GPU_BATCH = 8
+FLOPS_PROBE_SECONDS = 0.15
+FLOPS_PROBE_ROWS = 256  # a micro-batch's rows (a prefill chunk's are more: it is faster still)
+FLOPS_PROBE_DIM = 2048
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Capacity:
     disk_free: int | None            # bytes free where the model lives
     disk_path: str
     local_ranks: int = 1             # ranks of this job on this host
+    flops: float | None = None       # FLOP/s of a batched matrix product; None: not measured
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -150,6 +154,27 @@ def probe_bandwidth(seconds: float = PROBE_SECONDS) -> float:
     return read / statistics.median(times)
 
 
+def probe_flops(seconds: float = FLOPS_PROBE_SECONDS) -> float:
+    """FLOP/s of a decode micro-batch's product (FLOPS_PROBE_ROWS rows against a weight
+    matrix) on mlx's default device, in its fast dtype (median of runs)."""
+    import mlx.core as mx
+
+    dtype = mx.float16 if mx.default_device() == mx.gpu else mx.float32
+    w = mx.random.normal((FLOPS_PROBE_DIM, FLOPS_PROBE_DIM)).astype(dtype)
+    x = mx.random.normal((FLOPS_PROBE_ROWS, FLOPS_PROBE_DIM)).astype(dtype)
+    mx.eval(w, x)
+    mx.eval(x @ w.T)  # warm-up
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        t0 = time.perf_counter()
+        mx.eval(x @ w.T)
+        times.append(time.perf_counter() - t0)
+    del w, x
+    mx.clear_cache()
+    return 2 * FLOPS_PROBE_ROWS * FLOPS_PROBE_DIM**2 / statistics.median(times)
+
+
 def _device() -> tuple[str, str, int | None]:
     import mlx.core as mx
 
@@ -172,7 +197,8 @@ def measure_capacity(rank: int, model_path: str | Path | None = None,
     return Capacity(rank=rank, host=socket.gethostname(), total_memory=total,
                     available_memory=available, device=device, device_name=device_name,
                     memory_limit=limit, bandwidth=probe_bandwidth() if bandwidth else None,
-                    disk_free=free, disk_path=where)
+                    disk_free=free, disk_path=where,
+                    flops=probe_flops() if bandwidth else None)
 
 
 class CapacityError(RuntimeError):

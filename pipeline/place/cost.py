@@ -195,12 +195,15 @@ def _cost(model, config: dict, per_layer: list[int], tensors: list, head: int, m
     reads, experts, top_k = _token_reads(per_layer, tensors, model)
     q = quantization or {}
     what = f"{q['bits']}-bit" if "bits" in q else dtype
+    element = ELEMENT_BYTES[dtype]  # a quantized weight: its bits and a share of scale and bias
+    per_param = q["bits"] / 8 + 2 * element / q.get("group_size", 64) if "bits" in q else element
     return ModelCost(tuple(per_layer), head, kv, windows,
                      hidden_bytes=config["hidden_size"] * ELEMENT_BYTES[dtype], dtype=dtype,
                      description=f"{_summary(config, tied, experts, top_k)}, {what} "
                                  f"(from {source})",
                      head_matrix_bytes=matrix, vocab=_vocab(config),
-                     layer_read_bytes=tuple(reads), experts=experts, experts_per_token=top_k)
+                     layer_read_bytes=tuple(reads), experts=experts, experts_per_token=top_k,
+                     bytes_per_param=per_param)
 
 
 def _is_head_matrix(name: str, tied: bool) -> bool:

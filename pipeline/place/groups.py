@@ -13,12 +13,18 @@ the stage's layers and, in stage 0, the head; MoE: routed experts counted k/E):
                                                     an all-gather of the float32 logits)
     hop      = link(the stage's last rank)         to the next stage (none with one stage)
     chat ms  = sum over stages (compute + allreduce + hop)          one chat: 1 / it tok/s
-    step     = compute + the all-reduces of HIGH_CONCURRENCY hidden states per layer
-    aggregate tok/s = HIGH_CONCURRENCY / max over stages of step
+    b        = ceil(S / D)                         S sequences in D micro-batches (D stages)
+    step     = max(compute, b x F / (n x rate)) + the all-reduces of b hidden states per layer
+    round    = D x max over stages of step         every sequence one token further
+    aggregate tok/s = S / round
 
-The step is a micro-batch's: decode is memory-bound, so a micro-batch reads the weights
-once, as one token does; hops overlap with the other stages' work. It is an upper bound
-(past ~8-16 sequences a Mac GPU's step grows with the batch, DESIGN.md). A link's latency is
+F is a token's arithmetic in the stage (2 FLOP per weight read), rate the slowest member's
+measured (or `flops=` declared) matrix-product rate; unknown, the step is the weights' read
+alone. A step reads the weights once however many sequences it holds, so while that read
+dominates, fewer stages (tensor parallel) gain as much per round as they do for one chat;
+once the arithmetic dominates (a Mac GPU from ~8-16 sequences, a CPU core from ~30),
+micro-batches in flight keep every stage busy and the pure pipeline saves the all-reduces.
+Hops overlap with the other stages' work. A link's latency is
 measured (the start-up ping-pong of M bytes: the whole message time counts as latency, so
 ar(n) over it is an upper bound), else declared (`lat=` in the hostfile: the slower end's),
 else SAME_HOST_LATENCY_S between ranks of one host, else DEFAULT_HOP_LATENCY_S. A group's
@@ -132,15 +138,21 @@ class _Group:
     """A stage's group on the planner's terms: one node standing for its members."""
 
     ranks: list[int]
-    node: Node      # n x the slowest bandwidth, n x the smallest usable memory
+    node: Node      # n x the slowest bandwidth and rate, n x the smallest usable memory
     link: Link | None  # the slowest link inside (None: one rank)
     hop: float      # seconds to the next stage
     overhead: tuple[float, float, float, float]  # per layer, once; per layer, once (a step)
 
 
+def microbatch(sequences: int, stages: int) -> int:
+    """Sequences per micro-batch: one micro-batch per stage in flight."""
+    return max(1, -(-sequences // stages))
+
+
 def _groups(cost: ModelCost, nodes: list[Node], links: list[Link], groups: list[int],
-            fraction: float, headroom: int) -> list[_Group]:
+            fraction: float, headroom: int, sequences: int) -> list[_Group]:
     out, m = [], cost.hidden_bytes
+    b = microbatch(sequences, len(groups))
     for s, (start, n) in enumerate(zip([0, *accumulate(groups)], groups)):
         members = nodes[start:start + n]
         inner = links[start:start + n - 1]
@@ -149,10 +161,11 @@ def _groups(cost: ModelCost, nodes: list[Node], links: list[Link], groups: list[
         node, over = members[0], (0.0, 0.0, 0.0, 0.0)
         if n > 1:
             bws = [x.bandwidth for x in members]
+            rates = [x.flops for x in members]
             usable = n * min(x.usable(fraction) for x in members) - (n - 1) * headroom
             node = Node(s, members[0].host, sum(x.memory_bytes for x in members),
-                        n * min(bws) if all(bws) else None, max(usable, 0))
-            b = HIGH_CONCURRENCY
+                        n * min(bws) if all(bws) else None, max(usable, 0),
+                        flops=n * min(rates) if all(rates) else None)
             head = allreduce_s(link, n, m) + allgather_s(link, n, cost.vocab * LOGIT_BYTES)
             batch_head = allreduce_s(link, n, b * m) + allgather_s(link, n, b * cost.vocab
                                                                    * LOGIT_BYTES)
@@ -162,8 +175,19 @@ def _groups(cost: ModelCost, nodes: list[Node], links: list[Link], groups: list[
     return out
 
 
+def step_seconds(batch_reads: float, bandwidth: float, flops: float | None, rows: int,
+                 bytes_per_param: float) -> float:
+    """A micro-batch of `rows` sequences through a stage: reading its weights once, or its
+    arithmetic (2 FLOP per weight, per row) where that takes longer and the rate is known."""
+    read = batch_reads / bandwidth
+    if not flops or not bytes_per_param:
+        return read
+    return max(read, rows * 2 * batch_reads / bytes_per_param / flops)
+
+
 def describe_groups(cost: ModelCost, nodes: list[Node], groups: list[_Group], split: list[int],
-                    max_context: int, fraction: float, headroom: int, share: int = 0) -> Plan:
+                    max_context: int, fraction: float, headroom: int, share: int = 0,
+                    sequences: int = HIGH_CONCURRENCY) -> Plan:
     """The figures of a layout: per rank (its 1/n shares) and per stage (StageCost)."""
     kv = cost.kv_bytes(max_context)
     half = cost.head_matrix_bytes // 2 if share else 0
@@ -178,7 +202,9 @@ def describe_groups(cost: ModelCost, nodes: list[Node], groups: list[_Group], sp
         batch_reads = reads - (half if s == 0 else 0) + (half if s == last and s else 0)
         layer_s, fixed_s, batch_layer_s, batch_fixed_s = g.overhead
         allreduce = layers * layer_s + fixed_s
-        step = batch_reads / bw + layers * batch_layer_s + batch_fixed_s if bw else None
+        rows = microbatch(sequences, len(groups))
+        step = (step_seconds(batch_reads, bw, g.node.flops, rows, cost.bytes_per_param)
+                + layers * batch_layer_s + batch_fixed_s) if bw else None
         stage = StageCost(g.ranks, None if bw is None else compute * 1e3, allreduce * 1e3,
                           g.hop * 1e3, None if step is None else step * 1e3)
         stages.append(stage)
@@ -191,9 +217,9 @@ def describe_groups(cost: ModelCost, nodes: list[Node], groups: list[_Group], sp
                 kv_bytes=-(-sum(kv[start:end]) // n), headroom_bytes=headroom,
                 memory_bytes=node.memory_bytes, usable_bytes=node.usable(fraction),
                 bandwidth=node.bandwidth, est_ms_per_token=stage.ms, head_rows=rows,
-                read_bytes=-(-reads // n), tp=n))
+                read_bytes=-(-reads // n), tp=n, flops=node.flops))
     return Plan(ranks, max_context, fraction, hop_ms=sum(g.hop for g in groups) * 1e3,
-                groups=[len(g.ranks) for g in groups], stages=stages)
+                groups=[len(g.ranks) for g in groups], stages=stages, sequences=sequences)
 
 
 def _fits(plan: Plan) -> bool:
@@ -202,18 +228,21 @@ def _fits(plan: Plan) -> bool:
 
 def plan_layout(cost: ModelCost, nodes: list[Node], links: list[Link], groups: list[int],
                 max_context: int, fraction: float, headroom: int, *, objective: str = "chat",
-                share_head: bool = True, split: list[int] | None = None) -> Plan | None:
+                share_head: bool = True, split: list[int] | None = None,
+                sequences: int = HIGH_CONCURRENCY) -> Plan | None:
     """The best split of the layers over one layout (or `split` checked); None: no fit."""
-    parts = _groups(cost, nodes, links, groups, fraction, headroom)
+    parts = _groups(cost, nodes, links, groups, fraction, headroom, sequences)
     vnodes = [g.node for g in parts]
     over = [g.overhead for g in parts]
     pure_ends = len(groups) > 1 and groups[0] == 1 and groups[-1] == 1
     share = share_rows(cost, len(groups)) if share_head and pure_ends else 0
     balance = objective == "throughput"
     if split is not None:
-        plan = describe_groups(cost, nodes, parts, split, max_context, fraction, headroom, share)
+        plan = describe_groups(cost, nodes, parts, split, max_context, fraction, headroom, share,
+                               sequences)
         if share and not _fits(plan):
-            plan = describe_groups(cost, nodes, parts, split, max_context, fraction, headroom)
+            plan = describe_groups(cost, nodes, parts, split, max_context, fraction, headroom, 0,
+                                   sequences)
         return plan if _fits(plan) else None
     layers = _search(cost, vnodes, max_context, fraction, headroom, True, True, share, over,
                      balance) if share else None
@@ -223,7 +252,8 @@ def plan_layout(cost: ModelCost, nodes: list[Node], links: list[Link], groups: l
                          balance)
     if layers is None:
         return None
-    return describe_groups(cost, nodes, parts, layers, max_context, fraction, headroom, share)
+    return describe_groups(cost, nodes, parts, layers, max_context, fraction, headroom, share,
+                           sequences)
 
 
 def _allreduces(plan: Plan) -> int:
@@ -231,7 +261,7 @@ def _allreduces(plan: Plan) -> int:
 
 
 def _key(plan: Plan, objective: str) -> tuple:
-    chat, step = plan.est_ms_per_token or 0.0, plan.step_ms or 0.0
+    chat, step = plan.est_ms_per_token or 0.0, plan.round_ms or 0.0
     if objective == "throughput":
         return (step, _allreduces(plan), chat)
     return (chat, _allreduces(plan), step)
@@ -249,9 +279,11 @@ def _choose(plans: list[Plan], objective: str) -> Plan:
 def plan_groups(cost: ModelCost, nodes: list[Node], links: list[Link], max_context: int, *,
                 fraction: float, headroom: int, tp: int | None = None,
                 objective: str = "chat", problems: dict[int, str] | None = None,
-                share_head: bool = True, split: list[int] | None = None) -> Plan | None:
+                share_head: bool = True, split: list[int] | None = None,
+                sequences: int = HIGH_CONCURRENCY) -> Plan | None:
     """The best layout and split for the objective, with every stage's reason; None when no
-    layout fits. Raises PlanError for an unknown objective or an impossible --tp."""
+    layout fits. sequences: decoded at once (the throughput figures). Raises PlanError for
+    an unknown objective or an impossible --tp."""
     if objective not in OBJECTIVES:
         raise PlanError(f"--optimize {objective} is not one of {', '.join(OBJECTIVES)}")
     problems = problems or {}
@@ -260,10 +292,11 @@ def plan_groups(cost: ModelCost, nodes: list[Node], links: list[Link], max_conte
         if len(groups) > cost.num_layers or (split is not None and len(split) != len(groups)):
             continue
         plan = plan_layout(cost, nodes, links, groups, max_context, fraction, headroom,
-                           objective=objective, share_head=share_head, split=split)
+                           objective=objective, share_head=share_head, split=split,
+                           sequences=sequences)
         if plan is None:
             continue
-        tried.append((tuple(groups), plan.est_ms_per_token, plan.step_ms))
+        tried.append((tuple(groups), plan.est_ms_per_token, plan.round_ms))
         plans.append(plan)
     if not plans:
         return None
@@ -328,5 +361,6 @@ def _reason(cost: ModelCost, nodes: list[Node], links: list[Link], plan: Plan, s
     if above and (tp is None or tp == n):
         text += f"; not tp {above[0]}: {problems[above[0]]}"
     if plan.objective == "throughput" and plan.step_ms is not None:
-        text += f"; step {stage.step_ms:.3g} ms (slowest {plan.step_ms:.3g} ms)"
+        text += (f"; step of {microbatch(plan.sequences, len(plan.groups))} sequences "
+                 f"{stage.step_ms:.3g} ms (slowest {plan.step_ms:.3g} ms)")
     return text

@@ -17,6 +17,9 @@ a trailing comment that mpirun ignores:
   `lat=0.3ms`, `lat=1e-4s`. The planner reads a link between two hosts as the slower end's;
   ranks of one host talk through shared memory (place/groups.py SAME_HOST_LATENCY_S). It
   decides whether tensor parallel pays across that link; measured hops (mpirun) replace it.
+- `flops`: the rate of its matrix products in FLOP/s, decimal units (`flops=18T`): with it the
+  planner counts a batched step's arithmetic, which past some sequences takes longer than
+  reading the weights (where a pipeline's micro-batches pay); measured under mpirun.
 - `chip`, `name`: free text for tables.
 
 Ranks map to lines in slot order (mpirun's default `--map-by slot`): rank 0 takes the first
@@ -34,7 +37,7 @@ from pathlib import Path
 
 ANNOTATION = "pipeline:"
 _OMPI_KEYS = {"slots", "max_slots", "max-slots", "slots_max"}
-_ANNOTATION_KEYS = {"mem", "bw", "lat", "iface", "chip", "name"}
+_ANNOTATION_KEYS = {"mem", "bw", "lat", "flops", "iface", "chip", "name"}
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?$", re.IGNORECASE)
 _EXPONENT = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 _DURATION = re.compile(r"^(\d+(?:\.\d*)?(?:e[-+]?\d+)?)\s*(us|µs|ms|s)$", re.IGNORECASE)
@@ -54,6 +57,7 @@ class HostEntry:
     memory_bytes: int | None = None    # `mem=`: the host's memory (shared by its slots)
     bandwidth: float | None = None     # `bw=`: memory bandwidth, bytes/s
     latency_s: float | None = None     # `lat=`: one-way latency of its link, seconds
+    flops: float | None = None         # `flops=`: matrix-product rate, FLOP/s
     iface: str | None = None           # `iface=`: the interface this host is reached by
     chip: str | None = None
     name: str | None = None
@@ -75,8 +79,9 @@ def parse_size(text: str, binary: bool = True) -> int:
     return int(round(value * (1024 if binary else 1000) ** _EXPONENT[unit]))
 
 
-def parse_bandwidth(text: str) -> float:
-    """'273G', '273GB/s' or '273e9' -> bytes per second (decimal units)."""
+def parse_bandwidth(text: str, what: str = "bandwidth") -> float:
+    """'273G', '273GB/s' or '273e9' -> bytes per second (decimal units); the same for a
+    FLOP rate ('18T')."""
     body = text.strip()
     if body.lower().endswith("/s"):
         body = body[:-2]
@@ -85,7 +90,7 @@ def parse_bandwidth(text: str) -> float:
     except ValueError:
         value = float(parse_size(body, binary=False))
     if value <= 0:
-        raise ValueError(f"'{text}' is not a positive bandwidth")
+        raise ValueError(f"'{text}' is not a positive {what}")
     return value
 
 
@@ -120,6 +125,8 @@ def _parse_annotation(text: str) -> dict:
             fields["bandwidth"] = parse_bandwidth(value)
         elif key == "lat":
             fields["latency_s"] = parse_latency(value)
+        elif key == "flops":
+            fields["flops"] = parse_bandwidth(value, "rate")
         else:
             fields[key] = value
     return fields

@@ -40,7 +40,7 @@ GiB = 2**30
 # so it can take over part of every batched decode step's head (exec/head.py HeadSplit); the cut
 # then moves where it evens out the two stages' measured time, at most this far.
 HEAD_SHARE_MAX = 0.75
-HIGH_CONCURRENCY = 32  # sequences per micro-batch for the aggregate bound (mlx-lm's batch cap)
+HIGH_CONCURRENCY = 32  # sequences at once for the aggregate bound (mlx-lm's batch cap)
 
 
 class PlanError(SplitError):
@@ -57,6 +57,7 @@ class Node:
     bandwidth: float | None = None  # memory bandwidth, bytes/s; None: unknown
     limit_bytes: int | None = None  # hard cap besides the fraction (e.g. a GPU working set)
     latency_s: float | None = None  # declared one-way latency of its host's link (`lat=`)
+    flops: float | None = None      # matrix-product rate, FLOP/s (`flops=`, or measured)
 
     def usable(self, memory_fraction: float) -> int:
         usable = int(self.memory_bytes * memory_fraction)
@@ -81,6 +82,7 @@ class ModelCost:
     layer_read_bytes: tuple[int, ...] = ()
     experts: int = 0                          # routed experts per MoE layer (0: dense)
     experts_per_token: int = 0                # of them, what a token uses (top-k)
+    bytes_per_param: float = 0.0              # a weight's bytes (quantized: bits/8 + scales)
 
     @property
     def num_layers(self) -> int:
@@ -122,6 +124,7 @@ class RankPlan:
     head_rows: int = 0  # the last rank: rows of the head it holds (see HEAD_SHARE_MAX)
     read_bytes: int = 0  # what one token reads here (MoE: less than its weights; head rows: 0)
     tp: int = 1  # ranks of its stage's tensor-parallel group (each holds 1/tp of the stage)
+    flops: float | None = None  # its matrix-product rate (None: unknown)
 
     @property
     def layers(self) -> int:
@@ -149,7 +152,7 @@ class StageCost:
     compute_ms: float | None  # reading the stage's bytes, 1/tp of them on each rank
     allreduce_ms: float       # its all-reduces (0 for one rank)
     hop_ms: float             # to the next stage
-    step_ms: float | None     # a micro-batch step of HIGH_CONCURRENCY sequences
+    step_ms: float | None     # a micro-batch step (Plan.sequences over the stages)
     reason: str = ""
 
     @property
@@ -168,7 +171,8 @@ class Plan:
     groups: list[int] = None  # ranks per stage, consecutive (None: one rank per stage)
     stages: list[StageCost] = None  # per stage (None: described per rank, no groups)
     objective: str = "chat"
-    layouts: list[tuple] = ()  # (groups, one-chat ms, slowest step ms) of every layout tried
+    layouts: list[tuple] = ()  # (groups, one-chat ms, round ms) of every layout tried
+    sequences: int = HIGH_CONCURRENCY  # decoded at once, for the throughput figures
 
     def __post_init__(self):
         if self.groups is None:
@@ -209,13 +213,19 @@ class Plan:
         return max(steps) if steps and None not in steps else None
 
     @property
+    def round_ms(self) -> float | None:
+        """Every one of `sequences` sequences one token further: each stage steps once per
+        micro-batch (one per stage in flight), so the slowest stage's step times the stages."""
+        return len(self.groups) * self.step_ms if self.step_ms else None
+
+    @property
     def tokens_per_s(self) -> float | None:
         ms = self.est_ms_per_token
         return 1000.0 / ms if ms else None
 
     @property
     def aggregate_tokens_per_s(self) -> float | None:
-        return HIGH_CONCURRENCY * 1000.0 / self.step_ms if self.step_ms else None
+        return self.sequences * 1000.0 / self.round_ms if self.round_ms else None
 
     def stages_json(self) -> list[dict]:
         out = []
@@ -232,8 +242,9 @@ class Plan:
         return {"ranks": [r.to_json() for r in self.ranks], "split": self.split,
                 "groups": self.groups, "stages": self.stages_json(), "objective": self.objective,
                 "aggregate_tokens_per_s_bound": _round(self.aggregate_tokens_per_s),
+                "sequences": self.sequences, "round_ms": _round(self.round_ms),
                 "layouts": [{"groups": list(g), "est_ms_per_token": _round(ms),
-                             "step_ms": _round(step)} for g, ms, step in self.layouts],
+                             "round_ms": _round(step)} for g, ms, step in self.layouts],
                 "max_context": self.max_context, "memory_fraction": self.memory_fraction,
                 "head_share_rows": self.head_share_rows,
                 "weight_bytes": sum(r.weight_bytes for r in self.ranks),

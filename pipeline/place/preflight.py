@@ -17,7 +17,8 @@ from pipeline.place.cluster import Capacity, CapacityError, gather_capacities, m
 from pipeline.place.cost import config_cost, default_max_context, model_cost, quantized_alternatives
 from pipeline.place.hostfile import HostEntry, HostfileError, rank_entries, read_hostfile
 from pipeline.place.groups import layouts, plan_groups, ring_links
-from pipeline.place.planner import (DEFAULT_MEMORY_FRACTION, HEADROOM_BYTES, ModelCost, Node,
+from pipeline.place.planner import (DEFAULT_MEMORY_FRACTION, HEADROOM_BYTES, HIGH_CONCURRENCY,
+                                    ModelCost, Node,
                                     Plan, PlanError, check_split, fmt_bytes)
 from pipeline.place.shortfall import explain
 from pipeline.place.split import check_rank_count, parse_split
@@ -49,7 +50,7 @@ def nodes_from_hostfile(entries: list[HostEntry], source: str = "hostfile") -> l
             raise HostfileError(f"{source}:{e.line}: {e.host} declares no memory: planning "
                                 f"without mpirun needs `# pipeline: mem=64G` on every line")
         nodes.append(Node(rank, e.host, e.memory_bytes // shares[id(e)], e.bandwidth,
-                          latency_s=e.latency_s))
+                          latency_s=e.latency_s, flops=e.flops))
     return nodes
 
 
@@ -73,19 +74,23 @@ def nodes_from_capacities(caps: list[Capacity], entries: list[HostEntry] | None 
     slots = _slots_for(entries, len(caps), source) if entries else None
     shares = _ranks_per_entry(slots) if slots else {}
     by_host: dict[str, list[float]] = {}
+    flops_by_host: dict[str, list[float]] = {}
     for c in caps:
         if c.bandwidth:
             by_host.setdefault(c.host, []).append(c.bandwidth)
+        if c.flops:
+            flops_by_host.setdefault(c.host, []).append(c.flops)
     nodes = []
     for c in caps:
         share = max(c.local_ranks, 1)
         memory = planning_memory(c, c.host == caps[0].host)
         if slots and slots[c.rank].memory_bytes is not None:
             memory = min(memory, slots[c.rank].memory_bytes // shares[id(slots[c.rank])])
-        bws = by_host.get(c.host)
+        bws, rates = by_host.get(c.host), flops_by_host.get(c.host)
         nodes.append(Node(c.rank, c.host, memory, sum(bws) / len(bws) if bws else None,
                           c.memory_limit // share if c.memory_limit else None,
-                          slots[c.rank].latency_s if slots else None))
+                          slots[c.rank].latency_s if slots else None,
+                          sum(rates) / len(rates) if rates else None))
     return _merge_near_bandwidths(nodes)
 
 
@@ -122,7 +127,7 @@ def plan_job(cost: ModelCost, nodes: list[Node], max_context: int, *,
              hops: float | list[float] | None = None,
              alternatives: list[tuple[str, ModelCost]] = (), share_head: bool = True,
              tp: int | None = None, objective: str = "chat",
-             config: dict | None = None) -> Plan:
+             config: dict | None = None, sequences: int = HIGH_CONCURRENCY) -> Plan:
     """The placement for a job: the planner's, or the user's `--split` (layers per stage)
     checked to fit. tp: ranks per stage (None: the planner chooses, 1: pure pipeline).
     objective: "chat" or "throughput" (place/groups.py). config: the model's, to know
@@ -145,7 +150,7 @@ def plan_job(cost: ModelCost, nodes: list[Node], max_context: int, *,
     plan = plan_groups(cost, nodes, ring_links(nodes, cost.hidden_bytes, hops), max_context,
                        fraction=memory_fraction, headroom=HEADROOM_BYTES, tp=tp,
                        objective=objective, problems=problems, share_head=share_head,
-                       split=layers)
+                       split=layers, sequences=sequences)
     if plan is not None:
         return plan
     if layers is not None:
@@ -214,7 +219,8 @@ def preflight_plan(path: Path, config: dict, caps: list[Capacity] | None,
                    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
                    dtype: str | None = None, split: str | None = None,
                    dequantize: bool = False, share_head: bool = True,
-                   tp: int | None = None, objective: str = "chat") -> Plan:
+                   tp: int | None = None, objective: str = "chat",
+                   sequences: int = HIGH_CONCURRENCY) -> Plan:
     """Rank 0, before anything is loaded: the placement of a run on the capacities from
     `measure_cluster` (capped by the hostfile's `mem=`), or `--split` checked against them.
     `dequantize`: the run expands quantized weights at load, so plan with the dense sizes.
@@ -230,6 +236,7 @@ def preflight_plan(path: Path, config: dict, caps: list[Capacity] | None,
     return plan_job(cost, nodes, max_context or default_max_context(config),
                     memory_fraction=memory_fraction, split=split, hops=hops,
                     alternatives=quantized_alternatives(config, cost.dtype),
-                    share_head=share_head, tp=tp, objective=objective, config=config)
+                    share_head=share_head, tp=tp, objective=objective, config=config,
+                    sequences=sequences)
 
 
