@@ -5,6 +5,7 @@ import copy
 import importlib.machinery
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -127,6 +128,40 @@ def test_bench_compare_commands_on_linux_and_macos(monkeypatch):
     assert mac_env["MLX_MPI_LIBNAME"].endswith("/.venv/lib/libmpi.40.dylib")
     assert "LD_PRELOAD" not in mac_env
     assert bc.per_rank("darwin") != bc.per_rank("linux") == "1 core per rank"
+
+
+def test_bench_compare_regret_lines():
+    bc = _launch_script("bench-compare")
+    decode = {"default": {1: 10.0, 32: 90.0}, "tp": {1: 10.2, 32: 100.0},
+              "pp": {1: 6.0, 32: 90.0}}
+    lines = bc.regret_lines([1, 32], decode, {1: "tp 2", 32: "pipeline"})
+    assert "- 1 sequences: chose tp 2 (10.0 tok/s), fastest tp 2 (10.2): regret 2.0% (met)" in lines
+    assert "- 32 sequences: chose pipeline (90.0 tok/s), fastest tp 2 (100.0): regret 11.1% " \
+           "(NOT met)" in lines
+
+
+def test_bench_compare_gives_the_peers_the_ranks_kernels(tmp_path):
+    """mlx-lm runs with the OpenBLAS kernels a rank would choose (a Prescott fallback
+    corrected), so the comparison is fair. (A fresh process: one that has loaded OpenBLAS
+    already reports the kernels it loaded with.)"""
+    from pipeline.exec import blas_kernels
+
+    bc = _launch_script("bench-compare")
+    if not os.path.exists(bc.OPENBLAS):
+        pytest.skip("OpenBLAS is not installed")
+    with open("/proc/cpuinfo") as f:
+        vendor, _, flags = blas_kernels.cpu_facts(f.read())
+    want = blas_kernels.correction("Prescott", vendor, flags) or "Prescott"
+    code = ("import importlib.machinery as m, importlib.util as u, sys\n"
+            f"loader = m.SourceFileLoader('bc', {str(ROOT / 'launch' / 'bench-compare')!r})\n"
+            "mod = u.module_from_spec(u.spec_from_loader('bc', loader)); loader.exec_module(mod)\n"
+            "print(mod.env('linux').get('OPENBLAS_CORETYPE'))")
+    env = dict(os.environ, OPENBLAS_CORETYPE="Prescott", PIPELINE_CACHE=str(tmp_path))
+    env.pop("LD_PRELOAD", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [want]
 
 
 def test_bench_links_table(smoke, tmp_path):
