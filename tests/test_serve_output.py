@@ -217,3 +217,48 @@ def test_family_of_reads_mlx_lms_inference():
                                      think_start="<think>", think_end="</think>"))
     assert none.call is None and none.think == ("<think>", "</think>")
     assert generic(none).call == ("<tool_call>", "</tool_call>") and generic(none).think
+
+
+# gpt-oss (harmony): channels, not markers. The prompt ends with <|start|>assistant; <|call|>
+# and <|return|> are EOS tokens, so the text ends before them (one call per answer).
+HARMONY = Family("harmony", None, ("<|channel|>commentary to=functions.", "<|call|>"))
+ANALYSIS = "<|channel|>analysis<|message|>Need the weather: call get_weather.<|end|>"
+
+
+@pytest.mark.parametrize("header", [
+    "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json",
+    "<|start|>assistant to=functions.get_weather<|channel|>commentary json"])
+@pytest.mark.parametrize("seed", [0, 4])
+def test_harmony_reasoning_then_a_call(header, seed):
+    from pipeline.serve.harmony import HarmonyOutput
+
+    text = ANALYSIS + header + '<|message|>{"city": "Paris", "days": 3}'
+    content, reasoning, calls, errors = summary(
+        run(HarmonyOutput(HARMONY, TOOLS, calls=True), text, cuts_of(text, seed)))
+    assert (content, reasoning, errors) == ("", "Need the weather: call get_weather.", [])
+    assert calls == CALLS[:1]
+
+
+def test_harmony_final_answer_preamble_and_a_bad_call():
+    from pipeline.serve.harmony import HarmonyOutput
+
+    text = (ANALYSIS + "<|start|>assistant<|channel|>commentary<|message|>Checking.<|end|>"
+            "<|start|>assistant<|channel|>final<|message|>It is sunny in Paris.")
+    content, reasoning, calls, _ = summary(run(HarmonyOutput(HARMONY, TOOLS, calls=True),
+                                               text, [1] * 999))
+    assert (content, reasoning, calls) == ("Checking.It is sunny in Paris.",
+                                           "Need the weather: call get_weather.", [])
+    bad = "<|start|>assistant<|channel|>commentary to=functions.get_weather json<|message|>{ci"
+    events = run(HarmonyOutput(HARMONY, TOOLS, calls=True), ANALYSIS + bad, [3] * 99)
+    content, _, calls, errors = summary(events)
+    assert calls == [] and content == bad and "harmony tool call that does not parse" in errors[0]
+    # without tools a message to a function is content (its header is not)
+    content, _, calls, _ = summary(run(HarmonyOutput(HARMONY), ANALYSIS + bad, [5] * 99))
+    assert (content, calls) == ("{ci", [])
+
+
+def test_harmony_is_found_from_the_template():
+    tok = SimpleNamespace(chat_template="{{ '<|start|>assistant<|channel|>final<|message|>' }}",
+                          has_thinking=False)
+    family = family_of(tok)
+    assert family.name == "harmony" and family.call is not None  # not the generic form

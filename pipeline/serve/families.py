@@ -3,9 +3,9 @@ text of a call becomes {name, arguments}.
 
 mlx-lm's tokenizer wrapper already infers the think markers (from the vocabulary) and a tool
 parser with its start/end markers (from the chat template: hermes/Qwen JSON, Qwen3-Coder XML,
-GLM-4.5/4.7, Kimi K2, Mistral, MiniMax, Gemma, ...); `family_of` takes those. It adds DeepSeek
-V3/V3.1's call markers, which mlx-lm lacks, and the generic JSON format that serve describes to a
-model whose chat template knows no tools (chat.py).
+GLM-4.5/4.7, Kimi K2, Mistral, MiniMax, Gemma, ...); `family_of` takes those. It adds what mlx-lm
+lacks: DeepSeek V3/V3.1's call markers, gpt-oss's harmony channels (read by harmony.py), and the
+generic JSON format that serve describes to a model whose chat template knows no tools (chat.py).
 """
 
 from __future__ import annotations
@@ -56,6 +56,11 @@ def _deepseek(text: str, tools=None) -> list[dict]:
     return calls
 
 
+# gpt-oss: messages with channels, not markers around blocks (harmony.py reads them); a call is
+# a commentary message to=functions.NAME, its body the JSON arguments, ended by <|call|>.
+HARMONY_CALL = ("<|channel|>commentary to=functions.", "<|call|>")
+
+
 def _think(tokenizer) -> tuple[str, str] | None:
     if getattr(tokenizer, "has_thinking", False):
         return tokenizer.think_start, tokenizer.think_end
@@ -73,6 +78,8 @@ def family_of(tokenizer) -> Family:
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str) and DEEPSEEK_CALLS[0] in template:
         return Family("deepseek_v3", think, DEEPSEEK_CALLS, _deepseek)
+    if isinstance(template, str) and "<|channel|>" in template and "<|message|>" in template:
+        return Family("harmony", None, HARMONY_CALL)
     return Family("none", think)
 
 

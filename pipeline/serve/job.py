@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pipeline.exec.engine import Sequence
 from pipeline.exec.sampling import SamplingParams
 from pipeline.serve import api, render
+from pipeline.serve.harmony import HarmonyOutput
 from pipeline.serve.output import Output
 
 FINISH = {"stop": "stop", "length": "length"}  # engine reasons -> OpenAI's; others: "stop"
@@ -48,7 +49,8 @@ class Job:
         self.detok = state.tokenizer.detokenizer  # a fresh copy per access
         self.stops = api.StopText(req.stop)
         chat = req.chat
-        self.output = None if chat is None else Output(
+        reader = HarmonyOutput if chat is not None and chat.family.name == "harmony" else Output
+        self.output = None if chat is None else reader(
             chat.family, chat.tools, calls=chat.tools is not None, reasoning=chat.reasoning)
         self.arrived = time.perf_counter()
         self.tokens = 0
