@@ -78,7 +78,9 @@ BIG = 1000.0  # a chain token's embedding coordinate
 READ = 10.0  # the head's weight on it, in the successor's row
 
 
-def make_scripted_model(out: Path) -> Path:
+def make_scripted_model(out: Path, template: str = TEMPLATE) -> Path:
+    """The scripted model in `out`; `template`: its chat template (one that ignores
+    enable_thinking scripts the THINKING answer only)."""
     path = make_model("tiny-mistral", out, num_layers=4)
     pieces = THINKING + NOT_THINKING + ["</think>"]  # </think>: the think marker, in the vocab
     data = json.loads((path / "tokenizer.json").read_text())
@@ -92,7 +94,7 @@ def make_scripted_model(out: Path) -> Path:
     config["vocab_size"] = vocab = base + len(pieces)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     tok_config = json.loads((path / "tokenizer_config.json").read_text())
-    tok_config["chat_template"] = TEMPLATE
+    tok_config["chat_template"] = template
     (path / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
 
     from mlx_lm.utils import load_tokenizer
@@ -104,6 +106,8 @@ def make_scripted_model(out: Path) -> Path:
     for kwargs, script in (({}, THINKING), ({"enable_thinking": False}, NOT_THINKING)):
         prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=TOOLS,
                                          add_generation_prompt=True, **kwargs)
+        if chains and chains[0][0] == prompt[-1]:
+            break  # the template ignores enable_thinking: one script only
         chains.append([prompt[-1], *(ids[p] for p in script), eos])
     follows = {t: nxt for chain in chains for t, nxt in zip(chain, chain[1:])}
     assert len(follows) == sum(len(c) - 1 for c in chains), "two chains share a token"
@@ -137,3 +141,11 @@ def make_scripted_model(out: Path) -> Path:
 def scripted_model(tmp_path_factory) -> Path:
     """The scripted model's folder, built once per session."""
     return make_scripted_model(tmp_path_factory.mktemp("scripted"))
+
+
+@pytest.fixture(scope="session")
+def scripted_chatml_model(tmp_path_factory) -> Path:
+    """The scripted model with a plain ChatML template, which knows no tools."""
+    from pipeline.model.make_model import CHAT_TEMPLATE
+
+    return make_scripted_model(tmp_path_factory.mktemp("scripted-chatml"), CHAT_TEMPLATE)

@@ -11,7 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from scripted import CALLS, THINKING, TOOLS, scripted_model  # noqa: F401 (a fixture)
+from scripted import (CALLS, THINKING, TOOLS, scripted_chatml_model,  # noqa: F401 (fixtures)
+                      scripted_model)
 from test_logprobs import mlx_lm_logprobs
 from test_serve import start_server, stop_server
 
@@ -201,3 +202,27 @@ def test_refused_fields_over_http(server):
                                       {"messages": ASK, **extra})
         assert status == 400 and body["error"]["param"] == param, body
         assert "not supported" in body["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def served(scripted_chatml_model):
+    """A second server: the scripted model with a ChatML template, which knows no tools."""
+    served = start_server(scripted_chatml_model, "--concurrency", "2")
+    yield served
+    stop_server(served)
+
+
+def test_a_template_without_tools_gets_the_generic_form(served):
+    """The tools are described in a system message with the generic JSON call format (said
+    once in the log), and the calls the model writes in it are parsed."""
+    client = served.client()
+    for _ in range(2):
+        got = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, temperature=0)
+        choice = got.choices[0]
+        assert calls_of(choice.message) == CALLS and choice.finish_reason == "tool_calls"
+        assert choice.message.content == TEXT
+    plain = client.chat.completions.create(model="m", messages=ASK, temperature=0)
+    assert got.usage.prompt_tokens > plain.usage.prompt_tokens + 50  # the tools' text
+    log = "".join(served.err)
+    assert log.count("tools are described in a system message with the generic JSON") == 1
+    assert "no tool-call parser is known for its chat template" in log
