@@ -52,3 +52,33 @@ def test_one_at_a_time_drafts_and_equals_mlx_lm(served):
     spec = served.stats()["speculative"]
     assert spec["drafted"] > 0 and spec["passes"] > 0, spec
     assert spec["accepted"] <= spec["drafted"]
+
+
+def test_logprobs_at_concurrency_one_go_through_the_engine(served):
+    """Drafting has no logprobs: such a request runs through the batch engine instead; its
+    text and log-probabilities equal mlx-lm's, and drafting goes on after it."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    from test_logprobs import mlx_lm_logprobs
+
+    model, tok = load(str(served.model))
+    ids = encode(tok, PROMPT, False)
+    text, _ = mlx_lm_text(served.model, ids, 12)
+    tokens = [int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=12,
+                                               sampler=lambda lp: mx.argmax(lp, axis=-1))]
+    drafted = served.stats()["speculative"]["drafted"]
+    status, body = served.request("POST", "/v1/completions", {
+        "model": "m", "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "logprobs": 2})
+    assert status == 200, body
+    choice = body["choices"][0]
+    assert choice["text"] == text
+    want = mlx_lm_logprobs(served.model, ids, tokens)
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(
+        [float(want[i][t]) for i, t in enumerate(tokens)], abs=1e-4)
+    assert served.stats()["speculative"]["drafted"] == drafted  # not drafted
+    status, body = served.request("POST", "/v1/completions", {
+        "model": "m", "prompt": PROMPT, "max_tokens": 12, "temperature": 0})
+    assert status == 200 and body["choices"][0]["text"] == text
+    assert served.stats()["speculative"]["drafted"] > drafted

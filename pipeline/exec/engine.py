@@ -21,7 +21,7 @@ import mlx.core as mx
 from pipeline.exec.driver import Driver
 from pipeline.exec.head import (HeadSplit, SummaryCounts, combine_tops, greedy_rows, part_lse,
                                 part_summary)
-from pipeline.exec.sampling import Sampler, SamplingParams, logprobs_of
+from pipeline.exec.sampling import Sampler, SamplingParams, logprobs_of, top_logprobs
 from pipeline.exec.worker import CacheTable
 from pipeline.model.shell import UnsupportedModel
 from pipeline.wire.protocol import Batch, Flag, Message, Op
@@ -41,6 +41,8 @@ class Sequence:
     finished: float = 0.0
     cancelled: bool = False  # set from any thread: the engine ends it at its next step
     max_tokens: int = 0  # set by the engine: sampling.max_tokens within the context window
+    logprobs: int | None = None  # per token: its log-probability and this many top ones
+    token_logprobs: list = field(default_factory=list)  # (logprob, [(token, logprob)]) per token
 
     def __post_init__(self):
         self.sampler = Sampler(self.sampling)  # its own random stream (see sampling.py)
@@ -158,12 +160,16 @@ class Engine:
                 now = time.perf_counter()
                 keep = []
                 for row, seq in enumerate(batch):
-                    if seq.sampling.greedy and not exact[row]:
-                        token = greedy[row]
-                    else:  # sampled rows each with their own RNG, from exact logprobs
+                    decided = seq.sampling.greedy and not exact[row]  # the greedy token
+                    logprobs = None
+                    if not decided or seq.logprobs is not None:
                         if logits is None:  # a summarized step that combine_tops left open
                             logits = self.stage.logits(msg.h)
-                        token = seq.sampler(logprobs_of(logits[row : row + 1]))
+                        logprobs = logprobs_of(logits[row : row + 1])
+                    # sampled rows each with their own RNG, from exact logprobs
+                    token = greedy[row] if decided else seq.sampler(logprobs)
+                    if seq.logprobs is not None:  # of the logits the token was drawn from
+                        seq.token_logprobs.append(top_logprobs(logprobs, token, seq.logprobs))
                     if not seq.tokens:
                         seq.first_token = now
                     seq.tokens.append(token)

@@ -49,6 +49,19 @@ def logprobs_of(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
+def top_logprobs(logprobs: mx.array, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """`token`'s log-probability in logprobs: [1, V], and the k largest (largest first; ties:
+    lower id first), as Python numbers."""
+    row = logprobs[0].astype(mx.float32)
+    if k == 0:
+        return float(row[token].item()), []
+    top = mx.argpartition(-row, k - 1)[:k]
+    mx.eval(row, top)
+    values = row[top].tolist()
+    ranked = sorted(zip(values, top.tolist()), key=lambda vt: (-vt[0], vt[1]))
+    return float(row[token].item()), [(int(t), float(v)) for v, t in ranked]
+
+
 class Sampler:
     """The next token of one sequence from its log-probabilities, with its own stream."""
 

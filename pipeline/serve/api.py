@@ -1,32 +1,21 @@
-"""OpenAI-style request bodies -> what the engine runs, and the JSON objects sent back.
+"""OpenAI-style request bodies -> what the engine runs (the responses: render.py).
 
 Pure functions over plain data (no I/O, no MPI): every refusal is an ApiError that the HTTP
 layer turns into a status code and an OpenAI-style body `{"error": {"message", "type",
-"param", "code"}}`.
+"param", "code"}}`. The rule for fields: unknown ones are ignored; a known one that would
+change the output and is not supported is a 400 naming it.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
 from dataclasses import dataclass, field
 
-from pipeline.model.prompt import encode, wants_chat
+from pipeline.model.prompt import encode
+from pipeline.serve.chat import ChatPrompt, chat_prompt
+from pipeline.serve.errors import ApiError, bad, unsupported
 
 MAX_STOPS = 16  # OpenAI allows 4; more costs nothing here
-ROLES = {"system", "user", "assistant", "developer"}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = (
-            status, message, param, code, kind)
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.code}}
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (its completions allow 5)
 
 
 @dataclass
@@ -43,10 +32,8 @@ class Request:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
-
-
-def _bad(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, param)
+    logprobs: int | None = None  # each token's log-probability and this many alternatives
+    chat: ChatPrompt | None = None  # a chat's tools, reasoning and call markers
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float, *, low_open: bool = False,
@@ -56,11 +43,11 @@ def _number(body: dict, name: str, default, lo: float, hi: float, *, low_open: b
         return default
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
-        raise _bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got "
+        raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got "
                    f"{value!r}", name)
     if value < lo or (low_open and value == lo) or value > hi:
         interval = f"{'(' if low_open else '['}{lo}, {hi}]"
-        raise _bad(f"'{name}' is {value}: it must be in {interval}", name)
+        raise bad(f"'{name}' is {value}: it must be in {interval}", name)
     return value
 
 
@@ -69,7 +56,7 @@ def _flag(body: dict, name: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise _bad(f"'{name}' must be true or false, got {value!r}", name)
+        raise bad(f"'{name}' must be true or false, got {value!r}", name)
     return value
 
 
@@ -80,42 +67,53 @@ def _stops(body: dict) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if (not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops)
             or len(stops) > MAX_STOPS):
-        raise _bad(f"'stop' must be a non-empty string or a list of at most {MAX_STOPS} "
+        raise bad(f"'stop' must be a non-empty string or a list of at most {MAX_STOPS} "
                    f"non-empty strings", "stop")
     return stops
 
 
-def _content(message: dict, i: int) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts: only text is understood
-        parts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text"
-                    and isinstance(part.get("text"), str)):
-                raise _bad(f"messages[{i}].content: only text parts are supported",
-                           f"messages[{i}].content")
-            parts.append(part["text"])
-        return "".join(parts)
-    if content is None and message.get("role") == "assistant":
-        return ""
-    raise _bad(f"messages[{i}].content must be a string or a list of text parts",
-               f"messages[{i}].content")
+def _logprobs(body: dict, kind: str) -> int | None:
+    """How many alternatives per token (None: no logprobs): chat's `logprobs` true with
+    `top_logprobs`, completions' `logprobs` N."""
+    if kind == "completion":
+        return _number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+    top = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+    if not _flag(body, "logprobs"):
+        if top:
+            raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return None
+    return top or 0
 
 
-def chat_messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _bad("'messages' must be a non-empty list of {role, content} objects", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise _bad(f"messages[{i}] needs a role among {', '.join(sorted(ROLES))}",
-                       f"messages[{i}].role")
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": _content(m, i)})
-    return out
+def _refuse_unsupported(body: dict, kind: str) -> None:
+    """A 400 for each field that would change the output in a way this server cannot."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name, 0, -2, 2):
+            raise unsupported(name, f"a non-zero {name}")
+    if _number(body, "repetition_penalty", 1, 0, 10, low_open=True) != 1:
+        raise unsupported("repetition_penalty", "a repetition penalty other than 1")
+    if _number(body, "top_k", 0, -1, 2**31, integer=True) > 0:
+        raise unsupported("top_k", "top-k sampling (use top_p or min_p)")
+    bias = body.get("logit_bias")
+    if bias is not None and not isinstance(bias, dict):
+        raise bad("'logit_bias' must be an object of token id -> bias", "logit_bias")
+    if bias and any(v != 0 for v in bias.values()):
+        raise unsupported("logit_bias", "logit_bias")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and isinstance(fmt.get("type"), str)):
+        raise bad("'response_format' must be an object with a 'type'", "response_format")
+    if fmt and fmt["type"] != "text":
+        raise unsupported("response_format", f"type \"{fmt['type']}\" (it needs constrained "
+                          f"decoding, not built yet; \"text\" is the default)")
+    if body.get("echo"):
+        raise unsupported("echo", "echoing the prompt")
+    if _number(body, "best_of", 1, 1, 1 if kind == "chat" else 2**31, integer=True) != 1:
+        raise unsupported("best_of", "best_of above 1")
+    if body.get("suffix"):
+        raise unsupported("suffix", "a suffix (insertion)")
+    if body.get("modalities") not in (None, ["text"]) or body.get("audio") is not None:
+        raise unsupported("modalities" if body.get("audio") is None else "audio",
+                          "any output but text")
 
 
 def _completion_prompt(body: dict, tokenizer, vocab: int) -> list[int]:
@@ -124,29 +122,28 @@ def _completion_prompt(body: dict, tokenizer, vocab: int) -> list[int]:
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
         if not prompt:
-            raise _bad("'prompt' is empty", "prompt")
+            raise bad("'prompt' is empty", "prompt")
         return encode(tokenizer, [{"role": "user", "content": prompt}], False)
     if isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         if not all(0 <= t < vocab for t in prompt):
-            raise _bad(f"'prompt' holds token ids outside [0, {vocab})", "prompt")
+            raise bad(f"'prompt' holds token ids outside [0, {vocab})", "prompt")
         return list(prompt)
     if isinstance(prompt, list) and len(prompt) > 1:
-        raise _bad("one prompt per request: send the others as separate requests", "prompt")
-    raise _bad("'prompt' must be a string or a list of token ids", "prompt")
+        raise bad("one prompt per request: send the others as separate requests", "prompt")
+    raise bad("'prompt' must be a string or a list of token ids", "prompt")
 
 
 def parse(body, kind: str, tokenizer, context: int, default_max_tokens: int,
           vocab: int) -> Request:
     """Check a request body and tokenize its prompt; raises ApiError (400) on anything wrong."""
     if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
+        raise bad("the request body must be a JSON object")
     if body.get("model") is not None and not isinstance(body["model"], str):
-        raise _bad("'model' must be a string", "model")
+        raise bad("'model' must be a string", "model")
     if _number(body, "n", 1, 1, 1, integer=True) != 1:
-        raise _bad("'n' must be 1", "n")
-    if body.get("logprobs") not in (None, False, 0) or body.get("echo"):
-        raise _bad("logprobs and echo are not supported", "logprobs")
+        raise bad("'n' must be 1", "n")
+    _refuse_unsupported(body, kind)
     req = Request(
         kind=kind, prompt=[], max_tokens=0,
         temp=float(_number(body, "temperature", 1.0, 0, 2)),
@@ -154,31 +151,26 @@ def parse(body, kind: str, tokenizer, context: int, default_max_tokens: int,
         min_p=float(_number(body, "min_p", 0.0, 0, 1)),
         seed=_number(body, "seed", None, -2**63, 2**64 - 1, integer=True),
         ignore_eos=_flag(body, "ignore_eos"),  # an extension (as vLLM's): for benchmarks
-        stop=_stops(body), stream=_flag(body, "stream"),
+        stop=_stops(body), stream=_flag(body, "stream"), logprobs=_logprobs(body, kind),
     )
     if req.min_p == 1:
-        raise _bad("'min_p' is 1: it must be in [0, 1)", "min_p")
+        raise bad("'min_p' is 1: it must be in [0, 1)", "min_p")
     if req.seed is not None:
         req.seed %= 2**64  # mlx's random keys are unsigned
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise _bad("'stream_options' must be an object", "stream_options")
+        raise bad("'stream_options' must be an object", "stream_options")
     req.include_usage = bool(options and options.get("include_usage"))
     name = "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
     max_tokens = _number(body, name, None, 1, 10**9, integer=True)
 
     if kind == "chat":
-        from jinja2 import TemplateError
-
-        param, messages = "messages", chat_messages(body)
-        try:
-            req.prompt = encode(tokenizer, messages, wants_chat(tokenizer, None))
-        except (TemplateError, ValueError) as e:  # e.g. a template without a system role
-            raise _bad(f"the model's chat template refused these messages: {e}", "messages")
+        param, req.chat = "messages", chat_prompt(body, tokenizer)
+        req.prompt = req.chat.ids
     else:
         param, req.prompt = "prompt", _completion_prompt(body, tokenizer, vocab)
     if not req.prompt:
-        raise _bad("the prompt is empty after tokenization", param)
+        raise bad("the prompt is empty after tokenization", param)
     if len(req.prompt) >= context:
         raise ApiError(400, f"this model's context window is {context} tokens and the prompt "
                        f"has {len(req.prompt)}: shorten it", param, "context_length_exceeded")
@@ -189,62 +181,6 @@ def parse(body, kind: str, tokenizer, context: int, default_max_tokens: int,
                        f"for at most {room}", name, "context_length_exceeded")
     req.max_tokens = max_tokens if max_tokens is not None else min(default_max_tokens, room)
     return req
-
-
-# -- responses ---------------------------------------------------------------------------
-def new_id(kind: str) -> str:
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _choice(kind: str, text: str | None, finish_reason: str | None, delta: bool,
-            first: bool = False) -> dict:
-    if kind == "completion":
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-    if delta:
-        d = {"role": "assistant", "content": ""} if first else (
-            {"content": text} if text else {})
-        return {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish_reason}
-    return {"index": 0, "message": {"role": "assistant", "content": text},
-            "logprobs": None, "finish_reason": finish_reason}
-
-
-def _envelope(kind: str, rid: str, created: int, model: str, chunk: bool) -> dict:
-    obj = "chat.completion" if kind == "chat" else "text_completion"
-    return {"id": rid, "object": obj + (".chunk" if chunk and kind == "chat" else ""),
-            "created": created, "model": model}
-
-
-def chunk(kind: str, rid: str, created: int, model: str, text: str | None = None,
-          finish_reason: str | None = None, first: bool = False,
-          usage_: dict | None = None) -> dict:
-    """One streamed event; `usage_` alone makes the final usage event (no choices)."""
-    out = _envelope(kind, rid, created, model, True)
-    if usage_ is not None:
-        out.update(choices=[], usage=usage_)
-    else:
-        out["choices"] = [_choice(kind, text, finish_reason, True, first)]
-    return out
-
-
-def response(kind: str, rid: str, created: int, model: str, text: str, finish_reason: str,
-             usage_: dict) -> dict:
-    out = _envelope(kind, rid, created, model, False)
-    out.update(choices=[_choice(kind, text, finish_reason, False)], usage=usage_)
-    return out
-
-
-def models(model: str, created: int, context: int) -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created,
-                                        "owned_by": "pipeline", "context_length": context}]}
-
-
-def now() -> int:
-    return int(time.time())
 
 
 class StopText:

@@ -1,8 +1,9 @@
 """The HTTP side of `serve` (rank 0, its own thread and asyncio loop): routes, streaming, limits.
 
 Requests become engine Sequences put on the Inbox; the main thread runs them and hands each
-token back with loop.call_soon_threadsafe (Job.token / Job.done), and this side detokenizes,
-cuts at stop strings and writes JSON or server-sent events. A request that ends early (a stop
+token back with loop.call_soon_threadsafe (Job.token / Job.done), and this side reads them
+(job.py: detokenize, cut at stop strings, split content, reasoning and tool calls) and writes
+JSON or server-sent events (render.py). A request that ends early (a stop
 string, a client that went away) sets `seq.cancelled`, and the engine drops it on every rank
 at its next step. With serve --api-key, RequireKey answers 401 to any request without the key.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import time
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -24,75 +24,11 @@ from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from pipeline.serve import api
-from pipeline.exec.engine import Sequence
-from pipeline.exec.sampling import SamplingParams
+from pipeline.serve import api, render
+from pipeline.serve.job import Job
 
 STATIC = Path(__file__).parent / "static"
-FINISH = {"stop": "stop", "length": "length"}  # engine reasons -> OpenAI's; others: "stop"
 OPEN_PATHS = ("/", "/health")  # with a key, these and /static/ stay open (no secrets in them)
-
-
-class Job:
-    """One request in flight: the queue its tokens arrive on, and what came of it."""
-
-    def __init__(self, state, req: api.Request):
-        self.state, self.req = state, req
-        sampling = SamplingParams(temp=req.temp, top_p=req.top_p, min_p=req.min_p,
-                                  seed=req.seed, max_tokens=req.max_tokens,
-                                  ignore_eos=req.ignore_eos)
-        self.seq = Sequence(id=id(self), prompt=req.prompt, sampling=sampling,
-                            extra={"job": self})
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.detok = state.tokenizer.detokenizer  # a fresh copy per access
-        self.stops = api.StopText(req.stop)
-        self.arrived = time.perf_counter()
-        self.tokens = 0
-        self.finish_reason: str | None = None
-        self.released = False
-
-    # called on the event loop, scheduled by the main thread
-    def token(self, token: int) -> None:
-        self.events.put_nowait(token)
-
-    def done(self) -> None:
-        self.events.put_nowait(None)
-
-    async def pieces(self):
-        """Text as it is generated, cut at a stop string; sets finish_reason at the end."""
-        while self.finish_reason is None:
-            token = await self.events.get()
-            if token is None:
-                self.detok.finalize()
-                text, hit = self.stops.feed(self.detok.last_segment)
-                text += "" if hit else self.stops.flush()
-                self._finish("stop" if hit else FINISH.get(self.seq.finish_reason, "stop"))
-            else:
-                self.tokens += 1
-                self.detok.add_token(token)
-                text, hit = self.stops.feed(self.detok.last_segment)
-                if hit:
-                    self._finish("stop")
-            if text:
-                yield text
-
-    def _finish(self, reason: str) -> None:
-        self.finish_reason = reason
-        if self.seq.finish_reason == "stop":
-            self.tokens += 1  # the EOS token counts as generated, as in batch results
-        self.state.record(self)
-        self.release()
-
-    def usage(self) -> dict:
-        return api.usage(len(self.req.prompt), self.tokens)
-
-    def release(self) -> None:
-        """Free the slot (idempotent); unless finished, the engine drops the sequence."""
-        if self.released:
-            return
-        self.released = True
-        self.seq.cancelled = True  # no effect on a sequence the engine has finished
-        self.state.active -= 1
 
 
 class JobStream(StreamingResponse):
@@ -177,9 +113,11 @@ def make_app(state, api_key: str | None = None) -> Starlette:
             state.admit()  # raises 429/503 when full or closing
         except api.ApiError as e:
             return _error(e)
+        if req.chat is not None and req.chat.note:
+            state.note(req.chat.note)
         job = Job(state, req)
         state.submit(job)
-        rid, created = api.new_id(kind), api.now()
+        rid, created = render.new_id(kind), render.now()
         if req.stream:
             return JobStream(job, _events(job, kind, rid, created, state.model))
         collect = asyncio.ensure_future(_collect(job))
@@ -193,8 +131,7 @@ def make_app(state, api_key: str | None = None) -> Starlette:
             job.release()
         if not collect.done() or collect.cancelled():
             return _error(api.ApiError(503, "the client went away"))  # nobody is listening
-        return JSONResponse(api.response(kind, rid, created, state.model, collect.result(),
-                                         job.finish_reason, job.usage()))
+        return JSONResponse(_response(job, kind, rid, created, state.model, collect.result()))
 
     async def chat(request):
         return await generate(request, "chat")
@@ -203,7 +140,7 @@ def make_app(state, api_key: str | None = None) -> Starlette:
         return await generate(request, "completion")
 
     async def models(_):
-        return JSONResponse(api.models(state.model, state.created, state.context))
+        return JSONResponse(render.models(state.model, state.created, state.context))
 
     async def health(_):
         if state.closing:
@@ -235,17 +172,46 @@ def make_app(state, api_key: str | None = None) -> Starlette:
                      exception_handlers={HTTPException: http_error})
 
 
-async def _collect(job: Job) -> str:
-    return "".join([text async for text in job.pieces()])
+async def _collect(job: Job) -> list:
+    return [piece async for piece in job.pieces()]
+
+
+def _response(job: Job, kind: str, rid: str, created: int, model: str, pieces: list) -> dict:
+    text = "".join(p.content for p in pieces)
+    reasoning = "".join(p.reasoning for p in pieces)
+    calls = [c for p in pieces for c in p.calls]
+    errors = [e for p in pieces for e in p.errors]
+    logprobs = [e for p in pieces for e in p.logprobs] if job.req.logprobs is not None else None
+    return render.response(kind, rid, created, model, text, job.finish_reason, job.usage(),
+                           reasoning, calls, logprobs, errors)
 
 
 async def _events(job: Job, kind: str, rid: str, created: int, model: str):
     # The role event goes first, as OpenAI's does (before any token, even while queued).
+    def event(delta=None, finish_reason=None, logprobs=None, errors=None):
+        logprobs = logprobs if job.req.logprobs is not None else None
+        return _sse(render.chunk(kind, rid, created, model, delta, finish_reason, logprobs,
+                                 offset, errors))
+
+    offset, held, calls = 0, [], 0  # held: logprobs of tokens whose text is not out yet
     if kind == "chat":
-        yield _sse(api.chunk(kind, rid, created, model, first=True))
-    async for text in job.pieces():
-        yield _sse(api.chunk(kind, rid, created, model, text))
-    yield _sse(api.chunk(kind, rid, created, model, finish_reason=job.finish_reason))
+        yield event({"role": "assistant", "content": ""})
+    async for piece in job.pieces():
+        held.extend(piece.logprobs)
+        if not piece.shown():
+            continue
+        delta = {k: v for k, v in (("reasoning_content", piece.reasoning),
+                                   ("content", piece.content)) if v}
+        if delta or piece.errors:
+            yield event(delta, logprobs=held, errors=piece.errors)
+            offset += len(piece.content)
+            held = []
+        for call in piece.calls:
+            for d in render.call_deltas(call, calls):
+                yield event(d, logprobs=held)
+                held = []
+            calls += 1
+    yield event(finish_reason=job.finish_reason, logprobs=held)
     if job.req.include_usage:
-        yield _sse(api.chunk(kind, rid, created, model, usage_=job.usage()))
+        yield _sse(render.usage_chunk(kind, rid, created, model, job.usage()))
     yield "data: [DONE]\n\n"

@@ -22,7 +22,8 @@ import time
 from collections import deque
 from pathlib import Path
 
-from pipeline.serve import api
+from pipeline.serve import api, render
+from pipeline.serve.logprobs import TokenText
 from pipeline.exec.engine import Engine, Sequence
 from pipeline.exec.driver import Driver
 
@@ -87,7 +88,9 @@ class Server:
         self.tokenizer = driver.tokenizer
         self.context = driver.context
         self.vocab = len(self.tokenizer.get_vocab())
-        self.model, self.created = model, api.now()
+        self.token_text = TokenText(self.tokenizer)  # logprobs' token texts
+        self.model, self.created = model, render.now()
+        self.noted: set[str] = set()  # log lines said once
         self.concurrency, self.max_queue, self.max_tokens = concurrency, max_queue, max_tokens
         self.inbox = Inbox()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -113,6 +116,12 @@ class Server:
                 f"(--concurrency {self.concurrency} + --max-queue {self.max_queue}); retry later",
                 code="queue_full", kind="rate_limit_error")
         self.active += 1
+
+    def note(self, line: str) -> None:
+        """Say `line` in the log the first time only (e.g. tools in the generic form)."""
+        if line not in self.noted:
+            self.noted.add(line)
+            print(f"pipeline: {line}", file=sys.stderr, flush=True)
 
     def submit(self, job) -> None:
         self.inbox.put(job.seq)
@@ -148,17 +157,23 @@ class Server:
     # -- main thread side: the engine's callbacks ------------------------------------------
     def on_token(self, seq: Sequence, token: int) -> None:
         self.engine_tokens += 1
-        self.loop.call_soon_threadsafe(seq.extra["job"].token, token)
+        logprobs = seq.token_logprobs[-1] if seq.logprobs is not None else None
+        self.loop.call_soon_threadsafe(seq.extra["job"].token, token, logprobs)
 
     def on_done(self, seq: Sequence) -> None:
         self.engine_done += 1
         self.loop.call_soon_threadsafe(seq.extra["job"].done)
 
-    def run_one_at_a_time(self, driver: Driver, stopping: threading.Event) -> None:
+    def run_one_at_a_time(self, driver: Driver, engine: Engine, stopping: threading.Event
+                          ) -> None:
         """--concurrency 1: each request as a one-shot chat through Driver.generate, which
         drafts (prompt lookup or --draft-model) and keeps the KV cache of the longest prompt
-        prefix shared with the previous request (a chat resends its whole conversation)."""
+        prefix shared with the previous request (a chat resends its whole conversation).
+        One that asks for logprobs goes through the engine, which computes them."""
         for seq in self.inbox:
+            if seq.logprobs is not None:
+                engine.run([seq], self.on_done, self.on_token)
+                continue
             seq.started = time.perf_counter()
             driver.interrupted = False
             for token, _ in driver.generate(seq.prompt, seq.sampling):
@@ -295,7 +310,7 @@ def run_serve(driver: Driver, sock: socket.socket, model: str, concurrency: int,
                 raise RuntimeError("the HTTP server thread stopped")
             if server.inbox.wait(0.2) and not stop.is_set():
                 if concurrency == 1 and driver.drafting is not None:
-                    server.run_one_at_a_time(driver, stop)
+                    server.run_one_at_a_time(driver, engine, stop)
                 else:
                     engine.run(server.inbox, server.on_done, server.on_token)
                 server.refresh_ranks(driver)
