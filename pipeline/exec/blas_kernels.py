@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.model.spec import cache_root
+
 # OpenBLAS core names (OPENBLAS_CORETYPE accepts them) by the widest vector unit they use
 AVX512_CORES = {"skylakex", "cooperlake", "sapphirerapids", "zen4"}
 AVX2_CORES = {"haswell", "zen", "excavator", "steamroller"}
@@ -141,32 +143,37 @@ def check_core(lib_path: str, core: str) -> tuple[bool, str]:
     return True, f"{core} kernels checked"
 
 
-def _cache_file() -> Path:
-    root = Path(os.environ.get("PIPELINE_CACHE") or "~/.cache/pipeline").expanduser()
-    return root / "blas-kernels.json"
-
-
-def cached_check(lib_path: str, core: str, cpu_model: str) -> tuple[bool, str]:
-    """check_core, remembered per library file, CPU model and core (a failed check too)."""
-    st = os.stat(lib_path)
-    key = f"{os.path.realpath(lib_path)}|{st.st_size}|{st.st_mtime_ns}|{cpu_model}|{core}"
-    path = _cache_file()
+def load_verdicts(path: Path) -> dict:
+    """A cache of machine checks (this file's and rows_first.py's); {} when absent or bad."""
     try:
-        known = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        known = {}
-    if key in known:
-        ok, why = known[key]
-        return bool(ok), str(why)
-    ok, why = check_core(lib_path, core)
-    known[key] = [ok, why]
-    try:  # several ranks on one host may write at once: each writes whole, last one wins
+        return {}
+
+
+def save_verdicts(path: Path, known: dict) -> None:
+    """Ranks on one host may write at once: each writes a whole file, the last one wins."""
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}")
         tmp.write_text(json.dumps(known, indent=1))
         os.replace(tmp, path)
     except OSError:
         pass
+
+
+def cached_check(lib_path: str, core: str, cpu_model: str) -> tuple[bool, str]:
+    """check_core, remembered per library file, CPU model and core (a failed check too)."""
+    st = os.stat(lib_path)
+    key = f"{os.path.realpath(lib_path)}|{st.st_size}|{st.st_mtime_ns}|{cpu_model}|{core}"
+    path = cache_root() / "blas-kernels.json"
+    known = load_verdicts(path)
+    if key in known:
+        ok, why = known[key]
+        return bool(ok), str(why)
+    ok, why = check_core(lib_path, core)
+    known[key] = [ok, why]
+    save_verdicts(path, known)
     return ok, why
 
 

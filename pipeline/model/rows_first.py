@@ -10,13 +10,15 @@ thread count and mlx version in $PIPELINE_CACHE/rows-first.json.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from pipeline.exec.blas_kernels import load_verdicts, save_verdicts
+from pipeline.model.spec import cache_root
 
 # row counts compared: every decode batch up to 16, then a sample up to ROWS_FIRST_MAX_ROWS
 ROWS_CHECKED = (*range(1, 17), 24, 31, 33, 64, 100, 128, 255)
@@ -62,21 +64,13 @@ def products_equal(out_dim: int, in_dim: int, bias: bool, dtype, rows=ROWS_CHECK
     return True
 
 
-def _cache_file() -> Path:
-    root = Path(os.environ.get("PIPELINE_CACHE") or "~/.cache/pipeline").expanduser()
-    return root / "rows-first.json"
-
-
 class ExactShapes:
     """Verdicts for one machine: `self(out, in, bias, dtype)` says whether rows first is exact."""
 
     def __init__(self, check=products_equal, cache: Path | None = None):
-        self.check, self.path = check, cache or _cache_file()
+        self.check, self.path = check, cache or cache_root() / "rows-first.json"
         self.machine = machine_key()
-        try:
-            self.known = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.known = {}
+        self.known = load_verdicts(self.path)
         self.checked = 0  # shapes compared in this process (not taken from the cache)
 
     def __call__(self, out_dim: int, in_dim: int, bias: bool, dtype) -> bool:
@@ -86,14 +80,5 @@ class ExactShapes:
         if key not in self.known:
             self.known[key] = self.check(out_dim, in_dim, bias, dtype)
             self.checked += 1
-            self._save()
+            save_verdicts(self.path, self.known)
         return bool(self.known[key])
-
-    def _save(self) -> None:
-        try:  # ranks on one host may write at once: each writes whole, the last one wins
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(self.known, indent=1))
-            os.replace(tmp, self.path)
-        except OSError:
-            pass
