@@ -15,7 +15,7 @@ import signal
 if hasattr(signal, "SIGUSR1") and os.environ.get("OMPI_COMM_WORLD_RANK", "0") != "0":
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
-from pipeline.exec.blas import ensure_fast_blas  # noqa: E402
+from pipeline.host.blas import ensure_fast_blas  # noqa: E402
 
 ensure_fast_blas()  # re-execs with OpenBLAS preloaded; must run before mlx is imported
 
@@ -32,10 +32,11 @@ import typer  # noqa: E402
 from pipeline.exec.driver import DEFAULT_PREFILL_CHUNK  # noqa: E402
 from pipeline.exec.sampling import DEFAULT_MAX_TOKENS, SamplingParams  # noqa: E402
 from pipeline.flags import (  # noqa: E402
-    CHAT, DEQUANTIZE, DISTRIBUTE, DRAFT_MODEL, DTYPE, DTYPE_NAMES, HOSTFILE, IGNORE_EOS,
+    CHAT, DEQUANTIZE, DISTRIBUTE, DRAFT_MODEL, DTYPE, HOSTFILE, IGNORE_EOS,
     MAX_CONTEXT, MAX_TOKENS, MEMORY_FRACTION, MIN_P, MODEL, NUM_DRAFT_TOKENS, PREFILL_CHUNK,
     OPTIMIZE, PROMPT_LOOKUP, SEED, SHARE_HEAD, SPLIT, SYSTEM, TEMP, TOP_P, TP, VERBOSE,
 )
+from pipeline.model.load import DTYPE_NAMES  # noqa: E402
 from pipeline.serve.server import (  # noqa: E402
     API_KEY_ENV, DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PORT,
 )

@@ -6,7 +6,6 @@ from pipeline.exec.draft import DEFAULT_NUM_DRAFT_TOKENS
 from pipeline.exec.driver import DEFAULT_PREFILL_CHUNK
 from pipeline.exec.sampling import DEFAULT_MAX_TOKENS
 
-DTYPE_NAMES = ("float32", "float16", "bfloat16", "checkpoint")
 
 # Options shared by the chat/one-shot entry and the batch command (mlx_lm's flag names).
 MODEL = typer.Option(None, "--model", "-m", help="Model folder, .gguf file or Hugging Face repo. "
@@ -64,4 +63,3 @@ OPTIMIZE = typer.Option(None, "--optimize", help="What the placement optimizes: 
                         "sequence's token time) or throughput (many sequences at once) "
                         "[default: chat for the REPL and one-shot, throughput for batch, serve "
                         "and bench].")
-OBJECTIVES = ("chat", "throughput")

@@ -144,7 +144,7 @@ def test_bench_compare_gives_the_peers_the_ranks_kernels(tmp_path):
     """mlx-lm runs with the OpenBLAS kernels a rank would choose (a Prescott fallback
     corrected), so the comparison is fair. (A fresh process: one that has loaded OpenBLAS
     already reports the kernels it loaded with.)"""
-    from pipeline.exec import blas_kernels
+    from pipeline.host import blas_kernels
 
     bc = _launch_script("bench-compare")
     if not os.path.exists(bc.OPENBLAS):

@@ -1,4 +1,4 @@
-"""OpenBLAS kernel choice (pipeline/exec/blas_kernels.py): the fallback rule over sample CPUs,
+"""OpenBLAS kernel choice (pipeline/host/blas_kernels.py): the fallback rule over sample CPUs,
 the product check catching wrong kernels, and a rank correcting a forced Prescott on this box."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.exec import blas_kernels as bk
-from pipeline.exec.blas import find_openblas
+from pipeline.host import blas_kernels as bk
+from pipeline.host.blas import find_openblas
 
 from conftest import ROOT
 
@@ -98,7 +98,7 @@ def test_a_rank_corrects_a_prescott_fallback(tmp_path):
                PYTHONPATH=str(ROOT))
     env.pop("LD_PRELOAD", None)
     env.pop("PIPELINE_BLAS_REEXEC", None)
-    code = ("from pipeline.exec.blas import ensure_fast_blas, describe\n"
+    code = ("from pipeline.host.blas import ensure_fast_blas, describe\n"
             "ensure_fast_blas()\n"
             "import mlx.core\n"
             "print(describe()[1])")

@@ -9,7 +9,7 @@ from importlib import metadata
 import pytest
 
 from conftest import MPIRUN, ROOT, mpi_env, run_pipeline
-from pipeline.exec.blas import find_openblas
+from pipeline.host.blas import find_openblas
 
 
 def doctor_mpmd(model_a, model_b):

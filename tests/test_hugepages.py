@@ -1,4 +1,4 @@
-"""Weights moved onto 2 MiB pages (pipeline/model/hugepages.py): really collapsed, values kept."""
+"""Weights moved onto 2 MiB pages (pipeline/host/hugepages.py): really collapsed, values kept."""
 
 import os
 import sys
@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from pipeline.model import hugepages
+from pipeline.host import hugepages
 
 MiB = 2**20
 pytestmark = pytest.mark.usefixtures("on_cpu")  # values and products compared bit for bit

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from pipeline.exec.blas import find_openblas
+from pipeline.host.blas import find_openblas
 from pipeline.exec.head import greedy_rows
 from pipeline.exec.sampling import logprobs_of
 from pipeline.model.stage import ROWS_FIRST_MAX_ROWS, RowsFirstLinear
@@ -54,9 +54,9 @@ HEADS = [(32000, 1024), (49152, 576), (256, 64), (1000, 128), (300, 48)]
 
 
 def check_where_the_machine_says_exact() -> tuple[int, int]:
-    """Every shape the machine's check (model/rows_first.py) calls exact is bitwise equal on
+    """Every shape the machine's check (host/rows_first.py) calls exact is bitwise equal on
     other inputs and row counts too; returns (exact, not exact) shape counts."""
-    from pipeline.model.rows_first import products_equal
+    from pipeline.host.rows_first import products_equal
 
     exact = other = 0
     for out_dim, in_dim in SHAPES:
@@ -97,7 +97,8 @@ def test_rows_first_is_bitwise_equal_where_the_check_says_so_with_openblas():
 
 
 def test_the_check_catches_a_product_one_ulp_off(monkeypatch):
-    from pipeline.model import rows_first, stage
+    from pipeline.host import rows_first
+    from pipeline.model import stage
 
     assert rows_first.products_equal(64, 64, False, mx.float32, rows=(1, 2, 16))
     plain_call = stage.RowsFirstLinear.__call__
@@ -108,7 +109,7 @@ def test_the_check_catches_a_product_one_ulp_off(monkeypatch):
 
 
 def test_verdicts_are_cached_per_machine_and_shape(tmp_path):
-    from pipeline.model.rows_first import CHECK_MAX_PARAMS, ExactShapes
+    from pipeline.host.rows_first import CHECK_MAX_PARAMS, ExactShapes
 
     calls = []
 
@@ -130,7 +131,7 @@ def test_verdicts_are_cached_per_machine_and_shape(tmp_path):
 
 def test_use_rows_first_switches_only_the_exact_shapes(model_dir):
     from pipeline.model.load import load_stage, read_config
-    from pipeline.model.stage import use_rows_first
+    from pipeline.host.rows_first import use_rows_first
 
     path = model_dir("tiny-llama")
     config = read_config(path)
@@ -148,7 +149,7 @@ def test_use_rows_first_switches_only_the_exact_shapes(model_dir):
 @pytest.mark.parametrize("out_dim,in_dim", SHAPES[:5])
 def test_rows_first_is_bitwise_equal_where_the_check_says_so_here(out_dim, in_dim):
     """And with whatever BLAS this test process has (the reference one by default)."""
-    from pipeline.model.rows_first import products_equal
+    from pipeline.host.rows_first import products_equal
 
     for bias in (False, True):
         if products_equal(out_dim, in_dim, bias, mx.float32):

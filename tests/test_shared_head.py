@@ -12,7 +12,7 @@ from pipeline.exec.head import (LSE_DTYPES, TOP_K, HeadSplit, combine_tops, erro
                                 rounded_argmax)
 from pipeline.exec.sampling import logprobs_of
 from pipeline.model.load import load_stage, read_config, resident_bytes
-from pipeline.model.stage import use_rows_first
+from pipeline.host.rows_first import use_rows_first
 
 from conftest import mlx_lm_oracle, run_pipeline
 

@@ -1,10 +1,10 @@
-"""Metal's wired limit (pipeline/exec/wired.py): the decisions, over numbers and sysctl output,
+"""Metal's wired limit (pipeline/host/wired.py): the decisions, over numbers and sysctl output,
 and what a rank does after load on a CPU and (with MLX's Metal calls stood in for) on a Mac."""
 
 import mlx.core as mx
 import pytest
 
-from pipeline.exec import wired
+from pipeline.host import wired
 
 GiB, MiB = 2**30, 2**20
 

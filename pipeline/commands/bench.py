@@ -27,7 +27,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from pipeline.exec import blas
+from pipeline.host import blas
 from pipeline.place.cluster import measure_hops
 from pipeline.exec.engine import Engine, Sequence
 from pipeline.exec.driver import Driver

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.exec import blas, wired
-from pipeline.model import hugepages
+from pipeline.host import blas, wired
+from pipeline.host import hugepages
 from pipeline.place import routes
 from pipeline.place.cluster import Capacity, CapacityError, gather_capacities, measure_hops
 from pipeline.place.hostfile import HostEntry, HostfileError, rank_entries, read_hostfile

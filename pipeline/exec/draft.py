@@ -225,10 +225,10 @@ def load_draft_model(spec: str, tokenizer, dtype: str | None, dequantize: bool |
     unless its tokenizer's vocabulary is the main model's token for token."""
     from mlx_lm.utils import load_tokenizer
 
-    from pipeline.exec import blas
+    from pipeline.host import blas
     from pipeline.model.load import load_stage, read_config
     from pipeline.model.spec import ModelError, resolve_model
-    from pipeline.model.stage import use_rows_first
+    from pipeline.host.rows_first import use_rows_first
 
     path = resolve_model(spec)
     config = read_config(path)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from mpi4py import MPI
 
-from pipeline.exec import blas, wired
-from pipeline.model import hugepages
+from pipeline.host import blas, wired
+from pipeline.host import hugepages
 from pipeline.model.gguf import GGUFError
 from pipeline.exec.driver import Driver
 from pipeline.exec.worker import Worker
@@ -33,7 +33,7 @@ from pipeline.place.split import SplitError, check_rank_count, layer_ranges
 from pipeline.place.cost import default_max_context
 from pipeline.place.preflight import measure_cluster, preflight_plan
 from pipeline.model.shell import UnsupportedModel
-from pipeline.model.stage import use_rows_first
+from pipeline.host.rows_first import use_rows_first
 
 # launch/mpirun turns Ctrl-C into SIGUSR1, which mpirun forwards to every rank (a SIGINT to
 # mpirun itself would end the job): rank 0 takes it as Ctrl-C, the other ranks ignore it.
@@ -69,8 +69,8 @@ def checked_options(model, split, dtype, verbose, prefill_chunk, dequantize, sam
     """Options from the command's flags, after what every rank can check alone (ValueError
     with the one line to print). sequences: how many the command decodes at once (one chat:
     1); the plan is for them: one chat's speed, or throughput from 2 on, unless --optimize."""
-    from pipeline.flags import DTYPE_NAMES, OBJECTIVES
-    from pipeline.model.load import resolve_dtype
+    from pipeline.model.load import DTYPE_NAMES, resolve_dtype
+    from pipeline.place.groups import OBJECTIVES
 
     sampling.check()
     if dtype is not None and dtype not in DTYPE_NAMES:

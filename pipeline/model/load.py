@@ -194,6 +194,7 @@ def tensor_index(path: Path, repo: str | None = None, sizes: bool = True) -> Ten
 
 
 KEEP_DTYPE = "checkpoint"  # --dtype checkpoint: every tensor as stored, as mlx-lm runs it
+DTYPE_NAMES = ("float32", "float16", "bfloat16", KEEP_DTYPE)  # what --dtype takes
 
 
 def default_dtype() -> str | None:

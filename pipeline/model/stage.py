@@ -23,7 +23,7 @@ from pipeline.model.shell import Shell
 # (measured, 1 core, W 1024x1024: 35 GFLOP/s at 16 rows), while the same product taken the
 # other way round, (W @ x.T).T, runs at 76: the long dimension of W becomes the BLAS's M.
 # Whether both sum each dot product in the same order depends on the BLAS's kernels, so each
-# shape is checked on the machine first (rows_first.py) and switched only where the results
+# shape is checked on the machine first (host/rows_first.py) and switched only where the results
 # are bitwise equal: greedy tokens still equal mlx-lm's.
 # Decode steps and prefill chunks up to this many rows use it; larger ones gain nothing.
 ROWS_FIRST_MAX_ROWS = 256
@@ -58,43 +58,6 @@ class RowsFirstShardedToAll(nn.Module):
                 *x.shape[:-1], self["weight"].shape[0])
         y = mx.distributed.all_sum(y, group=self.group)
         return y + self["bias"] if "bias" in self else y
-
-
-def use_rows_first(stage: "Stage", exact=None) -> tuple[int, int]:
-    """Switch the stage's float linear layers (and the tied head) to RowsFirstLinear where
-    `exact(out, in, bias, dtype)` says the two products are bitwise equal here (default: the
-    machine's check, rows_first.ExactShapes); returns (layers switched, layers left plain).
-    Quantized layers are left alone; a tensor-parallel group's split layers are switched too
-    (their forward is a plain product, or one then the sum)."""
-    from mlx.nn.layers.distributed import AllToShardedLinear, ShardedToAllLinear
-
-    if exact is None:
-        from pipeline.model.rows_first import ExactShapes
-
-        exact = ExactShapes()
-    switched = plain = 0
-    modules = [m for layer in stage.layers for _, m in layer.named_modules()]
-    if stage.lm_head is not None:
-        modules.append(stage.lm_head)
-    if stage.head_share is not None:
-        modules.append(stage.head_share)
-    for m in modules:
-        kind = {nn.Linear: RowsFirstLinear, AllToShardedLinear: RowsFirstLinear,  # x @ W.T (+ b)
-                ShardedToAllLinear: RowsFirstShardedToAll}.get(type(m))
-        if kind is None:
-            continue
-        w = m["weight"]
-        if exact(*w.shape, "bias" in m, w.dtype):
-            m.__class__ = kind
-            switched += 1
-        else:
-            plain += 1
-    tied = stage.head if stage.vocab is None else stage.vocab.embedding  # used as the head?
-    if type(tied) is nn.Embedding and exact(*tied.weight.shape, False, tied.weight.dtype):
-        stage.rows_first = True
-        if stage.vocab is not None:
-            stage.vocab.rows_first = True
-    return switched, plain
 
 
 def cache_batch_problem(caches: list) -> str | None:

@@ -35,7 +35,7 @@ smallest member bounds the group.
 Searched: every way to cut the ranks into consecutive groups for up to MAX_MIXED_RANKS
 ranks (2^(N-1) layouts: [2, 1], [1, 2], ...), beyond that equal groups of each g dividing N;
 group sizes the model cannot split (tp.py) are skipped. Each layout's layers come from the
-planner's dynamic programme (planner.py _search) with the groups' all-reduces added; the
+planner's dynamic programme (search.py search_split) with the groups' all-reduces added; the
 layout with the best objective wins: "chat" the lowest one-chat time, "throughput" the
 lowest slowest step (balanced stages), and within TP_MARGIN of the best, the one with fewest
 all-reduces (an estimated gain of a few % does not pay for another all-reduce per layer;
@@ -49,7 +49,8 @@ from itertools import accumulate
 
 from pipeline.place.planner import (DEFAULT_HOP_LATENCY_S, DEFAULT_LINK_BANDWIDTH,
                                     HIGH_CONCURRENCY, ModelCost, Node, Plan, PlanError, RankPlan,
-                                    StageCost, _search, _share_bytes, fmt_bytes, share_rows)
+                                    StageCost, fmt_bytes)
+from pipeline.place.search import search_split, share_bytes, share_rows
 from pipeline.place.split import layer_ranges
 
 SAME_HOST_LATENCY_S = 10e-6  # ranks of one host: a shared-memory message (dev box: 14 us, 4 KB)
@@ -213,7 +214,7 @@ def describe_groups(cost: ModelCost, nodes: list[Node], groups: list[_Group], sp
             rows = share if s == last and last > 0 and n == 1 else 0
             ranks.append(RankPlan(
                 rank=rank, host=node.host, layer_range=(start, end),
-                weight_bytes=-(-weights // n) + _share_bytes(cost, rows),
+                weight_bytes=-(-weights // n) + share_bytes(cost, rows),
                 kv_bytes=-(-sum(kv[start:end]) // n), headroom_bytes=headroom,
                 memory_bytes=node.memory_bytes, usable_bytes=node.usable(fraction),
                 bandwidth=node.bandwidth, est_ms_per_token=stage.ms, head_rows=rows,
@@ -244,11 +245,11 @@ def plan_layout(cost: ModelCost, nodes: list[Node], links: list[Link], groups: l
             plan = describe_groups(cost, nodes, parts, split, max_context, fraction, headroom, 0,
                                    sequences)
         return plan if _fits(plan) else None
-    layers = _search(cost, vnodes, max_context, fraction, headroom, True, True, share, over,
+    layers = search_split(cost, vnodes, max_context, fraction, headroom, True, True, share, over,
                      balance) if share else None
     if layers is None:
         share = 0
-        layers = _search(cost, vnodes, max_context, fraction, headroom, True, True, 0, over,
+        layers = search_split(cost, vnodes, max_context, fraction, headroom, True, True, 0, over,
                          balance)
     if layers is None:
         return None

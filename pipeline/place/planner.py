@@ -19,356 +19,32 @@ memory: a memory-proportional split. When nothing fits,
 No MPI, no MLX: plain numbers in, plain numbers out.
 
 A stage may be a tensor-parallel group of ranks (place/groups.py chooses the groups and adds
-their all-reduces to the stage times `_search` compares); `Plan.groups` says which, and
+their all-reduces to the stage times search.py compares); `Plan.groups` says which, and
 `Plan.split` counts layers per stage.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from itertools import accumulate
-
-from pipeline.place.split import SplitError, check_rank_count, layer_ranges
-
-DEFAULT_MEMORY_FRACTION = 0.8
-DEFAULT_MAX_CONTEXT = 8192  # when the config does not say
-HEADROOM_BYTES = 256 * 2**20  # per rank: runtime, activations of a prefill chunk, MPI buffers
-DEFAULT_HOP_LATENCY_S = 0.25e-3  # one-way TCP over Thunderbolt or Ethernet, per token
-DEFAULT_LINK_BANDWIDTH = 1.25e9  # bytes/s (10 Gbit/s) for a hidden state on the wire
-GiB = 2**30
-# The last rank of a ring holds this share of the head's rows (the vocabulary's first ones)
-# so it can take over part of every batched decode step's head (exec/head.py HeadSplit); the cut
-# then moves where it evens out the two stages' measured time, at most this far.
-HEAD_SHARE_MAX = 0.75
-HIGH_CONCURRENCY = 32  # sequences at once for the aggregate bound (mlx-lm's batch cap)
-
-
-class PlanError(SplitError):
-    """No split fits (or a given split does not); the message says what would."""
-
-
-@dataclass(frozen=True)
-class Node:
-    """One rank as the planner sees it."""
-
-    rank: int
-    host: str
-    memory_bytes: int               # this rank's memory (its share of the host's, after caps)
-    bandwidth: float | None = None  # memory bandwidth, bytes/s; None: unknown
-    limit_bytes: int | None = None  # hard cap besides the fraction (e.g. a GPU working set)
-    latency_s: float | None = None  # declared one-way latency of its host's link (`lat=`)
-    flops: float | None = None      # matrix-product rate, FLOP/s (`flops=`, or measured)
-
-    def usable(self, memory_fraction: float) -> int:
-        usable = int(self.memory_bytes * memory_fraction)
-        return usable if self.limit_bytes is None else min(usable, self.limit_bytes)
-
-
-@dataclass(frozen=True)
-class ModelCost:
-    """What a model needs, per transformer block and for rank 0's extras."""
-
-    layer_bytes: tuple[int, ...]              # weights of each block
-    head_bytes: int                           # embedding + final norm + head (tied: once)
-    kv_token_bytes: tuple[int, ...]           # per block, per cached token: keys + values
-    kv_window: tuple[int | None, ...] = ()    # per block: sliding window, None = whole context
-    hidden_bytes: int = 0                     # one token's hidden state on the wire
-    dtype: str = ""                           # floating dtype held (KV cache, activations)
-    description: str = ""
-    head_matrix_bytes: int = 0                # the head's matrix (tied: the embedding), of head_bytes
-    vocab: int = 0                            # its rows
-    # per block, what one token reads (MoE: all but the routed experts, plus k/E of those);
-    # () = layer_bytes (dense)
-    layer_read_bytes: tuple[int, ...] = ()
-    experts: int = 0                          # routed experts per MoE layer (0: dense)
-    experts_per_token: int = 0                # of them, what a token uses (top-k)
-    bytes_per_param: float = 0.0              # a weight's bytes (quantized: bits/8 + scales)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layer_bytes)
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(self.layer_bytes) + self.head_bytes
-
-    @property
-    def read_bytes(self) -> tuple[int, ...]:
-        """Per block, the bytes one token reads."""
-        return self.layer_read_bytes or self.layer_bytes
-
-    @property
-    def token_read_bytes(self) -> int:
-        """What one token reads in all: its blocks' read bytes and rank 0's head (whole)."""
-        return sum(self.read_bytes) + self.head_bytes
-
-    def kv_bytes(self, context: int) -> list[int]:
-        """KV cache bytes of each block holding `context` tokens."""
-        windows = self.kv_window or (None,) * self.num_layers
-        return [b * (context if w is None else min(context, w))
-                for b, w in zip(self.kv_token_bytes, windows)]
-
-
-@dataclass
-class RankPlan:
-    rank: int
-    host: str
-    layer_range: tuple[int, int]
-    weight_bytes: int
-    kv_bytes: int
-    headroom_bytes: int
-    memory_bytes: int
-    usable_bytes: int
-    bandwidth: float | None
-    est_ms_per_token: float | None  # reading its token's bytes, plus its outgoing hop
-    head_rows: int = 0  # the last rank: rows of the head it holds (see HEAD_SHARE_MAX)
-    read_bytes: int = 0  # what one token reads here (MoE: less than its weights; head rows: 0)
-    tp: int = 1  # ranks of its stage's tensor-parallel group (each holds 1/tp of the stage)
-    flops: float | None = None  # its matrix-product rate (None: unknown)
-
-    @property
-    def layers(self) -> int:
-        return self.layer_range[1] - self.layer_range[0]
-
-    @property
-    def need_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.headroom_bytes
-
-    def to_json(self) -> dict:
-        return {"rank": self.rank, "host": self.host, "layers": self.layers,
-                "layer_range": list(self.layer_range), "weight_bytes": self.weight_bytes,
-                "kv_bytes": self.kv_bytes, "memory_bytes": self.memory_bytes,
-                "est_ms_per_token": _round(self.est_ms_per_token),
-                "headroom_bytes": self.headroom_bytes, "need_bytes": self.need_bytes,
-                "usable_bytes": self.usable_bytes, "bandwidth_bytes_per_s": self.bandwidth,
-                "head_rows": self.head_rows, "read_bytes": self.read_bytes, "tp": self.tp}
-
-
-@dataclass
-class StageCost:
-    """One stage's share of a token's time (place/groups.py has the cost model)."""
-
-    ranks: list[int]
-    compute_ms: float | None  # reading the stage's bytes, 1/tp of them on each rank
-    allreduce_ms: float       # its all-reduces (0 for one rank)
-    hop_ms: float             # to the next stage
-    step_ms: float | None     # a micro-batch step (Plan.sequences over the stages)
-    reason: str = ""
-
-    @property
-    def ms(self) -> float | None:
-        if self.compute_ms is None:
-            return None
-        return self.compute_ms + self.allreduce_ms + self.hop_ms
-
-
-@dataclass
-class Plan:
-    ranks: list[RankPlan]
-    max_context: int
-    memory_fraction: float
-    hop_ms: float  # all hops of one token round the ring
-    groups: list[int] = None  # ranks per stage, consecutive (None: one rank per stage)
-    stages: list[StageCost] = None  # per stage (None: described per rank, no groups)
-    objective: str = "chat"
-    layouts: list[tuple] = ()  # (groups, one-chat ms, round ms) of every layout tried
-    sequences: int = HIGH_CONCURRENCY  # decoded at once, for the throughput figures
-
-    def __post_init__(self):
-        if self.groups is None:
-            self.groups = [1] * len(self.ranks)
-
-    @property
-    def leaders(self) -> list[RankPlan]:
-        """The first rank of each stage (its group's figures stand for the stage)."""
-        starts = [sum(self.groups[:s]) for s in range(len(self.groups))]
-        return [self.ranks[i] for i in starts]
-
-    @property
-    def split(self) -> list[int]:
-        """Layers per stage."""
-        return [r.layers for r in self.leaders]
-
-    @property
-    def head_share_rows(self) -> int:
-        """Rows of the head the last rank holds (0: rank 0 computes the whole head; always 0
-        when the first or last stage is a tensor-parallel group)."""
-        if len(self.groups) < 2 or self.groups[0] > 1 or self.groups[-1] > 1:
-            return 0
-        return self.ranks[-1].head_rows
-
-    @property
-    def bandwidth_known(self) -> bool:
-        return all(r.est_ms_per_token is not None for r in self.ranks)
-
-    @property
-    def est_ms_per_token(self) -> float | None:
-        """One sequence: every stage in turn (a group's ranks work at once)."""
-        return sum(r.est_ms_per_token for r in self.leaders) if self.bandwidth_known else None
-
-    @property
-    def step_ms(self) -> float | None:
-        """The slowest stage's micro-batch step at high concurrency (None: not modelled)."""
-        steps = [s.step_ms for s in self.stages or ()]
-        return max(steps) if steps and None not in steps else None
-
-    @property
-    def round_ms(self) -> float | None:
-        """Every one of `sequences` sequences one token further: each stage steps once per
-        micro-batch (one per stage in flight), so the slowest stage's step times the stages."""
-        return len(self.groups) * self.step_ms if self.step_ms else None
-
-    @property
-    def tokens_per_s(self) -> float | None:
-        ms = self.est_ms_per_token
-        return 1000.0 / ms if ms else None
-
-    @property
-    def aggregate_tokens_per_s(self) -> float | None:
-        return self.sequences * 1000.0 / self.round_ms if self.round_ms else None
-
-    def stages_json(self) -> list[dict]:
-        out = []
-        for s, (lead, cost) in enumerate(zip(self.leaders, self.stages or ())):
-            out.append({"stage": s, "ranks": cost.ranks, "tp": len(cost.ranks),
-                        "layers": lead.layers, "layer_range": list(lead.layer_range),
-                        "compute_ms": _round(cost.compute_ms),
-                        "allreduce_ms": _round(cost.allreduce_ms), "hop_ms": _round(cost.hop_ms),
-                        "est_ms_per_token": _round(cost.ms), "step_ms": _round(cost.step_ms),
-                        "reason": cost.reason})
-        return out
-
-    def to_json(self) -> dict:
-        return {"ranks": [r.to_json() for r in self.ranks], "split": self.split,
-                "groups": self.groups, "stages": self.stages_json(), "objective": self.objective,
-                "aggregate_tokens_per_s_bound": _round(self.aggregate_tokens_per_s),
-                "sequences": self.sequences, "round_ms": _round(self.round_ms),
-                "layouts": [{"groups": list(g), "est_ms_per_token": _round(ms),
-                             "round_ms": _round(step)} for g, ms, step in self.layouts],
-                "max_context": self.max_context, "memory_fraction": self.memory_fraction,
-                "head_share_rows": self.head_share_rows,
-                "weight_bytes": sum(r.weight_bytes for r in self.ranks),
-                "read_bytes": sum(r.read_bytes for r in self.ranks),
-                "kv_bytes": sum(r.kv_bytes for r in self.ranks),
-                "hop_ms": _round(self.hop_ms),
-                "est_ms_per_token": _round(self.est_ms_per_token),
-                "tokens_per_s_bound": _round(self.tokens_per_s)}
-
-
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 4)
-
-
-def share_rows(cost: ModelCost, size: int) -> int:
-    """Rows of the head the last rank of `size` would hold (0: no shared head)."""
-    if size < 2 or not cost.vocab or not cost.head_matrix_bytes:
-        return 0
-    return min(cost.vocab, -(-int(cost.vocab * HEAD_SHARE_MAX) // 128) * 128)
-
-
-def _share_bytes(cost: ModelCost, rows: int) -> int:
-    return cost.head_matrix_bytes * rows // cost.vocab if rows else 0
-
-
-def _search(cost: ModelCost, nodes: list[Node], context: int, memory_fraction: float,
-            headroom: int, use_time: bool, enforce: bool, share: int = 0,
-            overhead: list[tuple[float, float, float, float]] | None = None,
-            balance: bool = False) -> list[int] | None:
-    """Dynamic programming over (ranks, layers) for a contiguous split, or None.
-
-    share: rows of the head the last rank holds (their bytes count against its memory; for
-    the slowest stage, half the head's matrix counts on rank 0 and half on the last rank,
-    as a shared head roughly splits it in batched decoding).
-
-    Key per partial split: (time, slowest stage's time, peak memory use / usable, sum of
-    squared uses), compared in that order. Times count the bytes a token reads, memory the
-    bytes held (they differ for a mixture of experts). Each term only grows as ranks are added, so
-    keeping the smallest key per state is optimal.
-
-    overhead: per node (a stage, for tensor-parallel groups), seconds added per layer and
-    once, for one sequence and for a micro-batch step: (layer_s, fixed_s, batch_layer_s,
-    batch_fixed_s), its all-reduces (place/groups.py). balance: compare the slowest stage
-    first (the throughput objective); min-max is optimal per state too. Time is integer
-    (bytes x femtoseconds per byte) so that equal bandwidths give exactly equal times; then
-    the slowest stage decides (balanced stages keep a batch's micro-batches flowing, see
-    engine.py), then memory.
-    """
-    n, size = cost.num_layers, len(nodes)
-    wsum = [0, *accumulate(cost.layer_bytes)]
-    rsum = [0, *accumulate(cost.read_bytes)]
-    ksum = [0, *accumulate(cost.kv_bytes(context))]
-    known = use_time and all(node.bandwidth for node in nodes)
-    fs_per_byte = [round(1e15 / node.bandwidth) if known else 0 for node in nodes]
-    over = [tuple(round(x * 1e15) if known else 0 for x in o)
-            for o in (overhead or [(0.0,) * 4] * size)]
-    order = (lambda k: (k[1], k[0], k[2], k[3])) if balance else (lambda k: k)
-    usable = [node.usable(memory_fraction) for node in nodes]
-    best: list[list[tuple | None]] = [[None] * (n + 1) for _ in range(size + 1)]
-    cut = [[0] * (n + 1) for _ in range(size + 1)]
-    best[0][0] = (0, 0, 0.0, 0.0)
-    half = cost.head_matrix_bytes // 2 if share else 0
-    for r in range(1, size + 1):
-        extra = cost.head_bytes if r == 1 else 0
-        held = extra + (_share_bytes(cost, share) if r == size and size > 1 else 0)
-        batch_extra = extra - half if r == 1 else (half if r == size else 0)
-        cap = usable[r - 1]
-        for i in range(r, n - (size - r) + 1):
-            for j in range(i - 1, r - 2, -1):  # growing slice [j, i): need only grows
-                reads = rsum[i] - rsum[j] + extra
-                need = wsum[i] - wsum[j] + held + ksum[i] - ksum[j] + headroom
-                if enforce and need > cap:
-                    break
-                prev = best[r - 1][j]
-                if prev is None:
-                    continue
-                use = need / cap if cap > 0 else float("inf")
-                layer_s, fixed_s, batch_layer_s, batch_fixed_s = over[r - 1]
-                stage_time = reads * fs_per_byte[r - 1] + (i - j) * layer_s + fixed_s
-                batch_time = ((reads - extra + batch_extra) * fs_per_byte[r - 1]
-                              + (i - j) * batch_layer_s + batch_fixed_s)
-                key = (prev[0] + stage_time, max(prev[1], batch_time), max(prev[2], use),
-                       prev[3] + use * use)
-                if best[r][i] is None or order(key) < order(best[r][i]):
-                    best[r][i], cut[r][i] = key, j
-    if best[size][n] is None:
-        return None
-    split, i = [], n
-    for r in range(size, 0, -1):
-        j = cut[r][i]
-        split.append(i - j)
-        i = j
-    return split[::-1]
-
-
-def describe_split(cost: ModelCost, nodes: list[Node], split: list[int], max_context: int,
-                   memory_fraction: float = DEFAULT_MEMORY_FRACTION,
-                   headroom_bytes: int = HEADROOM_BYTES,
-                   hops: float | list[float] = 0.0, share: int = 0) -> Plan:
-    """The figures of `split` on `nodes` (no fitting check). `hops`: seconds of each rank's
-    outgoing hop per token (one number: the same for every hop). `share`: head rows the
-    last rank holds (not read for a single sequence, whose head rank 0 computes)."""
-    size = len(nodes)
-    if size == 1:
-        hops = [0.0]
-    elif not isinstance(hops, list):
-        hops = [float(hops)] * size
-    kv = cost.kv_bytes(max_context)
-    known = all(node.bandwidth for node in nodes)
-    ranks = []
-    for node, (start, end), hop in zip(nodes, layer_ranges(split), hops):
-        head = cost.head_bytes if node.rank == 0 else 0
-        weights = sum(cost.layer_bytes[start:end]) + head
-        reads = sum(cost.read_bytes[start:end]) + head
-        ms = (reads / node.bandwidth + hop) * 1e3 if known else None
-        rows = share if size > 1 and node.rank == size - 1 else 0
-        ranks.append(RankPlan(rank=node.rank, host=node.host, layer_range=(start, end),
-                              weight_bytes=weights + _share_bytes(cost, rows),
-                              kv_bytes=sum(kv[start:end]),
-                              headroom_bytes=headroom_bytes, memory_bytes=node.memory_bytes,
-                              usable_bytes=node.usable(memory_fraction),
-                              bandwidth=node.bandwidth, est_ms_per_token=ms, head_rows=rows,
-                              read_bytes=reads))
-    return Plan(ranks, max_context, memory_fraction, hop_ms=sum(hops) * 1e3)
+from pipeline.place.layout import (  # noqa: F401  (the planner's names, imported from here)
+    DEFAULT_HOP_LATENCY_S,
+    DEFAULT_LINK_BANDWIDTH,
+    DEFAULT_MAX_CONTEXT,
+    DEFAULT_MEMORY_FRACTION,
+    HEAD_SHARE_MAX,
+    HEADROOM_BYTES,
+    HIGH_CONCURRENCY,
+    GiB,
+    ModelCost,
+    Node,
+    Plan,
+    PlanError,
+    RankPlan,
+    StageCost,
+    fmt_bytes,
+)
+from pipeline.place.search import describe_split, search_split, share_rows
+from pipeline.place.shortfall import explain, shortfall
+from pipeline.place.split import check_rank_count
 
 
 def plan_layers(cost: ModelCost, nodes: list[Node], max_context: int, *,
@@ -385,15 +61,13 @@ def plan_layers(cost: ModelCost, nodes: list[Node], max_context: int, *,
     """
     _check(cost, nodes, max_context, memory_fraction)
     share = share_rows(cost, len(nodes)) if share_head else 0
-    split = _search(cost, nodes, max_context, memory_fraction, headroom_bytes,
+    split = search_split(cost, nodes, max_context, memory_fraction, headroom_bytes,
                     use_time=True, enforce=True, share=share) if share else None
     if split is None:
         share = 0
-        split = _search(cost, nodes, max_context, memory_fraction, headroom_bytes,
+        split = search_split(cost, nodes, max_context, memory_fraction, headroom_bytes,
                         use_time=True, enforce=True)
     if split is None:
-        from pipeline.place.shortfall import explain
-
         raise PlanError(explain(cost, nodes, max_context, memory_fraction, headroom_bytes,
                                 alternatives))
     return describe_split(cost, nodes, split, max_context, memory_fraction, headroom_bytes, hops,
@@ -413,8 +87,6 @@ def check_split(cost: ModelCost, nodes: list[Node], split: list[int], max_contex
     if share and any(r.need_bytes > r.usable_bytes for r in plan.ranks):
         plan = describe_split(cost, nodes, split, max_context, memory_fraction, headroom_bytes,
                               hops)
-    from pipeline.place.shortfall import shortfall
-
     short = [shortfall(r) for r in plan.ranks if r.need_bytes > r.usable_bytes]
     if short:
         raise PlanError(f"--split {','.join(map(str, split))} does not fit at --max-context "
@@ -429,12 +101,3 @@ def _check(cost: ModelCost, nodes: list[Node], max_context: int, fraction: float
         raise PlanError(f"--memory-fraction {fraction:g} must be in (0, 1]")
     if max_context < 1:
         raise PlanError(f"--max-context {max_context} must be at least 1 token")
-
-
-def fmt_bytes(n: float) -> str:
-    """Binary units, 3 significant digits: 1.5 GiB, 640 KiB, 12 B."""
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            v = n / scale
-            return f"{v:.3g} {unit}" if v < 1000 else f"{v:.0f} {unit}"
-    return f"{int(n)} B"

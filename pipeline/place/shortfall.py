@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.place.planner import GiB, Node, RankPlan, _search, describe_split, fmt_bytes
+from pipeline.place.layout import GiB, Node, RankPlan, fmt_bytes
+from pipeline.place.search import describe_split, search_split
 
 
 def shortfall(r: RankPlan) -> str:
@@ -16,12 +17,12 @@ def shortfall(r: RankPlan) -> str:
 def _fits(cost, nodes, context, fraction, headroom) -> bool:
     if len(nodes) > cost.num_layers:
         return False
-    return _search(cost, nodes, context, fraction, headroom, False, True) is not None
+    return search_split(cost, nodes, context, fraction, headroom, False, True) is not None
 
 
 def explain(cost, nodes, context, fraction, headroom, alternatives) -> str:
     """The PlanError message: the most even split's shortfalls and the fixes that fit."""
-    split = _search(cost, nodes, context, fraction, headroom, use_time=False, enforce=False)
+    split = search_split(cost, nodes, context, fraction, headroom, use_time=False, enforce=False)
     plan = describe_split(cost, nodes, split, context, fraction, headroom)
     total_need = sum(r.need_bytes for r in plan.ranks)
     total_usable = sum(r.usable_bytes for r in plan.ranks)

@@ -20,7 +20,7 @@ import json
 import re
 
 from pipeline.serve.families import Family, parse_calls
-from pipeline.serve.output import Event, _held_prefix, _merged
+from pipeline.serve.output import Event, held_prefix, merged_events
 
 MESSAGE = "<|message|>"
 ENDS = ("<|end|>", "<|call|>", "<|return|>", "<|start|>")
@@ -52,7 +52,7 @@ class HarmonyOutput:
                 self.head += buf
                 i = self.head.find(MESSAGE)
                 if i < 0:
-                    return _merged(out)
+                    return merged_events(out)
                 self._open(self.head[:i])
                 buf, self.head = self.head[i + len(MESSAGE):], None
                 continue
@@ -64,11 +64,11 @@ class HarmonyOutput:
                 buf = buf[i + len(marker):]
                 self.head = ""
                 continue
-            keep = _held_prefix(buf, list(ENDS))
+            keep = held_prefix(buf, list(ENDS))
             self._body(buf[: len(buf) - keep], out)
             self.held = buf[len(buf) - keep:]
             break
-        return _merged(out)
+        return merged_events(out)
 
     def finish(self, why: str = "") -> list[Event]:
         out: list[Event] = []
@@ -78,7 +78,7 @@ class HarmonyOutput:
         elif self.head.strip():  # not harmony after all: say what it wrote
             out.append(Event("content", self.head))
         self.held, self.head = "", ""
-        return _merged(out)
+        return merged_events(out)
 
     def _open(self, header: str) -> None:
         """A body starts: what kind, from its header."""

@@ -26,7 +26,7 @@ class Event:
     error: str = ""
 
 
-def _held_prefix(buf: str, markers: list[str]) -> int:
+def held_prefix(buf: str, markers: list[str]) -> int:
     """Length of the longest end of `buf` that is the start of a marker (not a whole one)."""
     keep = 0
     for m in markers:
@@ -76,10 +76,10 @@ class Output:
             self._text(buf[:i], out)
             buf = buf[i + len(marker):]
             self._switch(to, marker, out)
-        keep = _held_prefix(buf, [m for m, _ in self.edges.get(self.state, []) if m])
+        keep = held_prefix(buf, [m for m, _ in self.edges.get(self.state, []) if m])
         self.held = buf[len(buf) - keep:]
         self._text(buf[: len(buf) - keep], out)
-        return _merged(out)
+        return merged_events(out)
 
     def finish(self, why: str = "") -> list[Event]:
         """The rest, at the end of the answer; `why` names a cut-off ("length")."""
@@ -91,7 +91,7 @@ class Output:
         elif self.ws and not self.marked:  # a plain answer keeps its text exactly
             out.append(Event(self.state, self.ws))
         self.ws = ""
-        return _merged(out)
+        return merged_events(out)
 
     # -- inside ---------------------------------------------------------------------------
     def _text(self, text: str, out: list[Event]) -> None:
@@ -135,7 +135,7 @@ class Output:
         self.state = NORMAL
 
 
-def _merged(events: list[Event]) -> list[Event]:
+def merged_events(events: list[Event]) -> list[Event]:
     out: list[Event] = []
     for e in events:
         if out and e.kind in (NORMAL, REASONING) and out[-1].kind == e.kind:

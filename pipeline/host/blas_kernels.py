@@ -122,7 +122,7 @@ def check_core(lib_path: str, core: str) -> tuple[bool, str]:
     """Run OpenBLAS with OPENBLAS_CORETYPE=core in a child process: (usable, why)."""
     env = dict(os.environ, OPENBLAS_CORETYPE=core, OPENBLAS_NUM_THREADS="1")
     env.pop("LD_PRELOAD", None)
-    code = f"from pipeline.exec.blas_kernels import _check_in_this_process as c; c({lib_path!r})"
+    code = f"from pipeline.host.blas_kernels import _check_in_this_process as c; c({lib_path!r})"
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     try:

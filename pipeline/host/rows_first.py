@@ -17,8 +17,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from pipeline.exec.blas_kernels import load_verdicts, save_verdicts
+from pipeline.host.blas_kernels import load_verdicts, save_verdicts
 from pipeline.model.spec import cache_root
+from pipeline.model.stage import RowsFirstLinear, RowsFirstShardedToAll, Stage
 
 # row counts compared: every decode batch up to 16, then a sample up to ROWS_FIRST_MAX_ROWS
 ROWS_CHECKED = (*range(1, 17), 24, 31, 33, 64, 100, 128, 255)
@@ -38,7 +39,7 @@ def _cpu_model() -> str:
 
 def machine_key() -> str:
     """What the verdicts depend on besides the shape."""
-    from pipeline.exec.blas import describe
+    from pipeline.host.blas import describe
 
     return "|".join((_cpu_model(), describe()[1], os.environ.get("OPENBLAS_NUM_THREADS", ""),
                      mx.__version__))
@@ -46,8 +47,6 @@ def machine_key() -> str:
 
 def products_equal(out_dim: int, in_dim: int, bias: bool, dtype, rows=ROWS_CHECKED) -> bool:
     """Compare RowsFirstLinear with nn.Linear over random weights and inputs of this shape."""
-    from pipeline.model.stage import RowsFirstLinear
-
     key = mx.random.key(out_dim * 31 + in_dim)
     wkey, xkey = mx.random.split(key)
     plain = nn.Linear(in_dim, out_dim, bias=bias)
@@ -82,3 +81,38 @@ class ExactShapes:
             self.checked += 1
             save_verdicts(self.path, self.known)
         return bool(self.known[key])
+
+
+def use_rows_first(stage: Stage, exact=None) -> tuple[int, int]:
+    """Switch the stage's float linear layers (and the tied head) to RowsFirstLinear where
+    `exact(out, in, bias, dtype)` says the two products are bitwise equal here (default: the
+    machine's check, ExactShapes); returns (layers switched, layers left plain).
+    Quantized layers are left alone; a tensor-parallel group's split layers are switched too
+    (their forward is a plain product, or one then the sum)."""
+    from mlx.nn.layers.distributed import AllToShardedLinear, ShardedToAllLinear
+
+    if exact is None:
+        exact = ExactShapes()
+    switched = plain = 0
+    modules = [m for layer in stage.layers for _, m in layer.named_modules()]
+    if stage.lm_head is not None:
+        modules.append(stage.lm_head)
+    if stage.head_share is not None:
+        modules.append(stage.head_share)
+    for m in modules:
+        kind = {nn.Linear: RowsFirstLinear, AllToShardedLinear: RowsFirstLinear,  # x @ W.T (+ b)
+                ShardedToAllLinear: RowsFirstShardedToAll}.get(type(m))
+        if kind is None:
+            continue
+        w = m["weight"]
+        if exact(*w.shape, "bias" in m, w.dtype):
+            m.__class__ = kind
+            switched += 1
+        else:
+            plain += 1
+    tied = stage.head if stage.vocab is None else stage.vocab.embedding  # used as the head?
+    if type(tied) is nn.Embedding and exact(*tied.weight.shape, False, tied.weight.dtype):
+        stage.rows_first = True
+        if stage.vocab is not None:
+            stage.vocab.rows_first = True
+    return switched, plain

@@ -41,7 +41,7 @@ def ensure_fast_blas() -> None:
     if (lib is None or lib in preload or os.environ.get("PIPELINE_BLAS") == "reference"
             or os.environ.get(_REEXEC_MARK)):
         return
-    from pipeline.exec.blas_kernels import choose_core
+    from pipeline.host.blas_kernels import choose_core
 
     core, note = choose_core(lib)
     if core:
@@ -78,7 +78,7 @@ def _openblas_details(path: str) -> str:
     """' 0.3.21, SkylakeX kernels' for the OpenBLAS loaded from path (and what was corrected)."""
     import ctypes
 
-    from pipeline.exec.blas_kernels import corename
+    from pipeline.host.blas_kernels import corename
 
     try:
         lib = ctypes.CDLL(path)  # already loaded: the same handle
@@ -94,7 +94,7 @@ def _openblas_details(path: str) -> str:
 def rows_first_pays() -> bool:
     """Whether stage.RowsFirstLinear may be used: on a CPU with OpenBLAS (measured faster
     there), unless PIPELINE_ROWS_FIRST=0 (for side-by-side benchmarks); each shape is then
-    checked for bitwise equality on the machine (model/rows_first.py)."""
+    checked for bitwise equality on the machine (host/rows_first.py)."""
     if os.environ.get("PIPELINE_ROWS_FIRST", "1") == "0":
         return False
     device, name, _ = describe()
