@@ -118,7 +118,7 @@ class Driver:
         ring = self.ring if self.size > 1 else None  # one stage: its result stays here
         progress = ring.progress if ring is not None and ring.sending else None
         if self.group is not None:
-            self.group.tell(Message(Op.FORWARD, mb, flags, h=tokens.astype(mx.int32)[..., None]))
+            self.group.tell(Message(Op.FORWARD, mb, flags, tokens=tokens))
         h = self.stage.forward(self.stage.embed(tokens), caches, progress)
         mx.eval(h)
         if ring is None:

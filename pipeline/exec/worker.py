@@ -129,9 +129,8 @@ class Worker:
                 self.steps += 1
                 injected_fault(ring.rank, self.steps)
             start = time.perf_counter()
-            h = msg.h
-            if h.dtype == mx.int32:  # tokens: this is stage 0's group (see Driver.step)
-                h = self.stage.embed(h[..., 0])
+            h = msg.h if msg.tokens is None else self.stage.embed(msg.tokens)  # stage 0's group
+            msg.tokens = None
             msg.h = self.stage.forward(h, self.table.get(msg.mb),
                                        ring.progress if ring.sending else None)
             mx.eval(msg.h)

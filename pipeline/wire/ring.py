@@ -14,9 +14,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from pipeline.wire.protocol import (HEADER_FIELDS, TAG_GROUP, TAG_REQ, TAG_RING, TAG_STATS, Flag,
-                                    Header, Message, Op, Request, encode, from_wire,
-                                    wire_buffer)
+from pipeline.wire.protocol import (HEADER_FIELDS, TAG_GROUP, TAG_REQ, TAG_RING, TAG_STATS,
+                                    Message, Request, decode, encode)
 
 SEND_DEPTH = 4  # messages a rank may have posted and not yet delivered
 # Messages with a buffer above this are pushed along while the rank computes (see progress):
@@ -118,21 +117,7 @@ class Ring:
         start = time.perf_counter()
         wait([self.comm.Irecv(raw, self.prev, self.tag)])
         self.wait_s += time.perf_counter() - start
-        hdr = Header.decode(raw)
-        if hdr.op not in (Op.FORWARD, Op.HEAD):
-            payload = np.empty(hdr.b, dtype=np.int64)
-            if hdr.b:
-                self.comm.Recv(payload, self.prev, self.tag)
-            return Message(hdr.op, hdr.mb, hdr.flags, payload=payload.tolist())
-        buf = wire_buffer(hdr.code, (hdr.b, hdr.l, hdr.d))
-        self.comm.Recv(buf, self.prev, self.tag)
-        msg = Message(hdr.op, hdr.mb, hdr.flags, h=from_wire(hdr.code, buf),
-                      head_rows=hdr.head_rows, busy_us=hdr.busy_us)
-        part = hdr.part_buffer()
-        if part is not None:
-            self.comm.Recv(part, self.prev, self.tag)
-            msg.part = part if hdr.flags & Flag.HEAD else from_wire(hdr.code, part)
-        return msg
+        return decode(raw, lambda buf: self.comm.Recv(buf, self.prev, self.tag))
 
     # -- requests: rank 0 to every other rank ------------------------------------------
     def request(self, request: Request) -> None:
