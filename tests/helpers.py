@@ -90,3 +90,16 @@ def brute_force_plan(cost, nodes, n_layers: int):
     plan = plan_layers(cost, nodes, 16, memory_fraction=1.0, headroom_bytes=0)
     assert plan.est_ms_per_token == pytest.approx(min(feasible), rel=1e-9)
     return plan
+
+
+def launch_script(name: str):
+    """A launch/ script (no .py suffix) imported as a module."""
+    import importlib.machinery
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "launch" / name
+    loader = importlib.machinery.SourceFileLoader(name.replace("-", "_"), str(path))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from conftest import ROOT, run_pipeline
+from helpers import launch_script
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -95,23 +96,13 @@ def test_bench_from_json_errors(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-def _launch_script(name: str):
-    """A launch/ script (no .py suffix) imported as a module."""
-    loader = importlib.machinery.SourceFileLoader(name.replace("-", "_"),
-                                                  str(ROOT / "launch" / name))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
 def _bench_links():
-    return _launch_script("bench-links")
+    return launch_script("bench-links")
 
 
 def test_bench_compare_commands_on_linux_and_macos(monkeypatch):
     """macOS has no taskset and Open MPI cannot bind there; its libmpi is a .dylib."""
-    bc = _launch_script("bench-compare")
+    bc = launch_script("bench-compare")
     monkeypatch.setattr(bc.shutil, "which", lambda name: f"/usr/bin/{name}")
     linux = bc.mpirun(2, "python", "-m", "pipeline", platform="linux")
     assert linux[linux.index("--bind-to") + 1] == "core" and "LD_PRELOAD" in linux
@@ -131,7 +122,7 @@ def test_bench_compare_commands_on_linux_and_macos(monkeypatch):
 
 
 def test_bench_compare_regret_lines():
-    bc = _launch_script("bench-compare")
+    bc = launch_script("bench-compare")
     decode = {"default": {1: 10.0, 32: 90.0}, "tp": {1: 10.2, 32: 100.0},
               "pp": {1: 6.0, 32: 90.0}}
     lines = bc.regret_lines([1, 32], decode, {1: "tp 2", 32: "pipeline"})
@@ -146,7 +137,7 @@ def test_bench_compare_gives_the_peers_the_ranks_kernels(tmp_path):
     already reports the kernels it loaded with.)"""
     from pipeline.host import blas_kernels
 
-    bc = _launch_script("bench-compare")
+    bc = launch_script("bench-compare")
     if not os.path.exists(bc.OPENBLAS):
         pytest.skip("OpenBLAS is not installed")
     with open("/proc/cpuinfo") as f:

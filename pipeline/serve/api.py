@@ -45,7 +45,7 @@ def _number(body: dict, name: str, default, lo: float, hi: float, *, low_open: b
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got "
                    f"{value!r}", name)
-    if value < lo or (low_open and value == lo) or value > hi:
+    if value != value or value < lo or (low_open and value == lo) or value > hi:  # NaN too
         interval = f"{'(' if low_open else '['}{lo}, {hi}]"
         raise bad(f"'{name}' is {value}: it must be in {interval}", name)
     return value

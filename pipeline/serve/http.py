@@ -29,6 +29,7 @@ from pipeline.serve.job import Job
 
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/", "/health")  # with a key, these and /static/ stay open (no secrets in them)
+MAX_BODY_BYTES = 16 * 2**20  # a request body beyond this gets 413 (a 128k-token chat is ~1 MiB)
 
 
 class JobStream(StreamingResponse):
@@ -92,6 +93,22 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+async def _body(request: HttpRequest) -> bytes:
+    """The request body, read up to MAX_BODY_BYTES; beyond that a 413 before reading it all."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise api.ApiError(413, f"the request body has {declared} bytes: at most "
+                           f"{MAX_BODY_BYTES} are accepted", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise api.ApiError(413, f"the request body has more than {MAX_BODY_BYTES} bytes: at "
+                               f"most {MAX_BODY_BYTES} are accepted", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _disconnected(request: HttpRequest) -> None:
     """Returns when the client goes away (the body has been read: nothing else arrives)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -104,7 +121,9 @@ def make_app(state, api_key: str | None = None) -> Starlette:
 
     async def generate(request: HttpRequest, kind: str):
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await _body(request))
+        except api.ApiError as e:
+            return _error(e)
         except (ValueError, UnicodeDecodeError):
             return _error(api.ApiError(400, "the request body is not valid JSON"))
         try:
