@@ -165,3 +165,45 @@ def test_accepted_fields(tokenizers):
         with pytest.raises(ApiError) as e:
             api.parse(body, "completion", tok, 4096, 16, 600)
         assert e.value.param == param
+
+
+def test_a_nan_number_is_refused_not_sampled_with(tokenizers):
+    tok = tokenizers["chatml"]
+    for field in ("temperature", "top_p"):
+        with pytest.raises(ApiError) as e:
+            parse(tok, messages=[{"role": "user", "content": "hi"}], **{field: float("nan")})
+        assert e.value.status == 400 and field in str(e.value)
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_read():
+    import asyncio
+
+    from pipeline.serve.http import MAX_BODY_BYTES, make_app
+
+    def post(headers, chunks):
+        sent, parts = [], iter(chunks)
+
+        async def receive():
+            part = next(parts, None)
+            return {"type": "http.request", "body": part or b"", "more_body": part is not None}
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(make_app(SimpleNamespace(model="m"))(
+            {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+             "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "headers": headers, "scheme": "http", "server": ("127.0.0.1", 80)},
+            receive, send))
+        body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] ==
+                                   "http.response.body"))
+        return sent[0]["status"], body["error"]
+
+    declared = [(b"content-length", str(MAX_BODY_BYTES + 1).encode())]
+    status, error = post(declared, [b"{"])  # refused on the header alone
+    assert status == 413 and "at most" in error["message"]
+    mib = b" " * 2**20  # no length declared: counted while it streams in
+    status, error = post([], [b"{"] + [mib] * 17)
+    assert status == 413 and error["code"] == "request_too_large"
+    status, error = post([], [b"{not json"])  # a small body is read and parsed as before
+    assert status == 400 and "not valid JSON" in error["message"]
