@@ -189,16 +189,18 @@ class StopText:
 
     def __init__(self, stops: list[str]):
         self.stops, self.held = stops, ""
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> tuple[str, bool]:
         """(text safe to send now, whether a stop string was hit)."""
         if not self.stops:
             return text, False
         buf = self.held + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((buf.find(s), s) for s in self.stops) if i >= 0]
         if hits:
             self.held = ""
-            return buf[: min(hits)], True
+            at, self.matched = min(hits, key=lambda h: h[0])
+            return buf[:at], True
         keep = 0
         for s in self.stops:
             for n in range(min(len(s) - 1, len(buf)), keep, -1):

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -24,7 +26,7 @@ from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from pipeline.serve import api, render
+from pipeline.serve import anthropic, api, render, responses
 from pipeline.serve.job import Job
 
 STATIC = Path(__file__).parent / "static"
@@ -48,34 +50,76 @@ class JobStream(StreamingResponse):
             self.job.release()
 
 
-def _error(e: api.ApiError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+@dataclass
+class Dialect:
+    """One API's words for the same engine path: its request parser (body, server -> Request),
+    its whole answer (job, pieces, id, created, model -> dict), its stream (job, id, created,
+    model -> server-sent events), its error shape (ApiError -> status, body) and ids."""
+    parse: Callable
+    whole: Callable
+    events: Callable
+    error: Callable
+    new_id: Callable
+
+
+def _openai(kind: str) -> Dialect:
+    def parse(body, state):
+        return api.parse(body, kind, state.tokenizer, state.context, state.max_tokens,
+                         state.vocab)
+
+    return Dialect(parse, lambda job, pieces, rid, created, model: _response(
+        job, kind, rid, created, model, pieces), lambda job, rid, created, model: _events(
+        job, kind, rid, created, model), lambda e: (e.status, e.body()),
+        lambda: render.new_id(kind))
+
+
+CHAT, COMPLETION = _openai("chat"), _openai("completion")
+MESSAGES = Dialect(anthropic.parse, anthropic.whole, anthropic.events, anthropic.error,
+                   anthropic.new_id)
+RESPONSES = Dialect(responses.parse, responses.whole, responses.events,
+                    lambda e: (e.status, e.body()), responses.new_id)
+
+
+def _dialect(path: str) -> Dialect:
+    """Whose error shape a path answers in."""
+    return MESSAGES if path.startswith("/v1/messages") else CHAT
+
+
+def _error(e: api.ApiError, dialect: Dialect = CHAT) -> JSONResponse:
+    status, body = dialect.error(e)
+    headers = {"Retry-After": "1"} if status in (429, 503, 529) else None
     if e.status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class RequireKey:
     """ASGI middleware for serve --api-key: every route but the chat page, /static and /health
-    needs `Authorization: Bearer KEY`, as OpenAI's API does; otherwise 401 with its error body."""
+    needs `Authorization: Bearer KEY`, as OpenAI's API does, or `x-api-key: KEY`, as
+    Anthropic's does; otherwise 401 with the API's error body."""
 
     def __init__(self, app, key: str):
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and not _open(scope["path"]):
-            problem = self.problem(Headers(scope=scope).get("authorization"))
+            headers = Headers(scope=scope)
+            problem = self.problem(headers.get("authorization"), headers.get("x-api-key"))
             if problem:
-                await _error(api.ApiError(401, problem, code="invalid_api_key"))(
-                    scope, receive, send)
+                await _error(api.ApiError(401, problem, code="invalid_api_key"),
+                             _dialect(scope["path"]))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
-    def problem(self, header: str | None) -> str | None:
-        """Why this Authorization header is refused (never echoing the key), or None."""
+    def problem(self, header: str | None, x_api_key: str | None = None) -> str | None:
+        """Why this Authorization (or x-api-key) header is refused (never echoing the key), or
+        None."""
+        if x_api_key and not header:
+            header = "Bearer " + x_api_key
         if not header:
             return ("this server needs an API key: send the header 'Authorization: Bearer KEY' "
-                    "with the key given to serve (--api-key or PIPELINE_API_KEY)")
+                    "(or 'x-api-key: KEY') with the key given to serve (--api-key or "
+                    "PIPELINE_API_KEY)")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer":
             return "the Authorization header must be 'Bearer KEY'"
@@ -119,26 +163,32 @@ def make_app(state, api_key: str | None = None) -> Starlette:
     """The ASGI app over `state` (a serve.Server: tokenizer, limits, inbox, figures); with
     `api_key`, requests need it as a Bearer token (see RequireKey)."""
 
-    async def generate(request: HttpRequest, kind: str):
+    async def read(request: HttpRequest, dialect: Dialect):
+        """The request's JSON body, or the error response to send."""
         try:
-            body = json.loads(await _body(request))
+            return json.loads(await _body(request)), None
         except api.ApiError as e:
-            return _error(e)
+            return None, _error(e, dialect)
         except (ValueError, UnicodeDecodeError):
-            return _error(api.ApiError(400, "the request body is not valid JSON"))
+            return None, _error(api.ApiError(400, "the request body is not valid JSON"),
+                                dialect)
+
+    async def generate(request: HttpRequest, dialect: Dialect):
+        body, refused = await read(request, dialect)
+        if refused:
+            return refused
         try:
-            req = api.parse(body, kind, state.tokenizer, state.context, state.max_tokens,
-                            state.vocab)
+            req = dialect.parse(body, state)
             state.admit()  # raises 429/503 when full or closing
         except api.ApiError as e:
-            return _error(e)
+            return _error(e, dialect)
         if req.chat is not None and req.chat.note:
             state.note(req.chat.note)
         job = Job(state, req)
         state.submit(job)
-        rid, created = render.new_id(kind), render.now()
+        rid, created = dialect.new_id(), render.now()
         if req.stream:
-            return JobStream(job, _events(job, kind, rid, created, state.model))
+            return JobStream(job, dialect.events(job, rid, created, state.model))
         collect = asyncio.ensure_future(_collect(job))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -149,14 +199,29 @@ def make_app(state, api_key: str | None = None) -> Starlette:
                 collect.cancel()
             job.release()
         if not collect.done() or collect.cancelled():
-            return _error(api.ApiError(503, "the client went away"))  # nobody is listening
-        return JSONResponse(_response(job, kind, rid, created, state.model, collect.result()))
+            return _error(api.ApiError(503, "the client went away"), dialect)  # nobody listens
+        return JSONResponse(dialect.whole(job, collect.result(), rid, created, state.model))
 
     async def chat(request):
-        return await generate(request, "chat")
+        return await generate(request, CHAT)
 
     async def completions(request):
-        return await generate(request, "completion")
+        return await generate(request, COMPLETION)
+
+    async def messages(request):
+        return await generate(request, MESSAGES)
+
+    async def responses_(request):
+        return await generate(request, RESPONSES)
+
+    async def count_tokens(request):
+        body, refused = await read(request, MESSAGES)
+        if refused:
+            return refused
+        try:
+            return JSONResponse(anthropic.count_tokens(body, state))
+        except api.ApiError as e:
+            return _error(e, MESSAGES)
 
     async def models(_):
         return JSONResponse(render.models(state.model, state.created, state.context))
@@ -172,10 +237,10 @@ def make_app(state, api_key: str | None = None) -> Starlette:
     async def index(_):
         return FileResponse(STATIC / "index.html")
 
-    async def http_error(_, exc: HTTPException):
+    async def http_error(request, exc: HTTPException):
         return _error(api.ApiError(exc.status_code, str(exc.detail),
                                    kind="not_found_error" if exc.status_code == 404
-                                   else "invalid_request_error"))
+                                   else "invalid_request_error"), _dialect(request.url.path))
 
     routes = [
         Route("/", index),
@@ -184,6 +249,9 @@ def make_app(state, api_key: str | None = None) -> Starlette:
         Route("/v1/models", models),
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+        Route("/v1/responses", responses_, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     middleware = [Middleware(RequireKey, key=api_key)] if api_key else []
@@ -196,6 +264,7 @@ async def _collect(job: Job) -> list:
 
 
 def _response(job: Job, kind: str, rid: str, created: int, model: str, pieces: list) -> dict:
+    """A whole OpenAI chat completion or completion."""
     text = "".join(p.content for p in pieces)
     reasoning = "".join(p.reasoning for p in pieces)
     calls = [c for p in pieces for c in p.calls]

@@ -122,6 +122,10 @@ class Job:
     def usage(self) -> dict:
         return render.usage(len(self.req.prompt), self.tokens)
 
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose keys and values came from the prefix cache (0 without one)."""
+        return getattr(self.seq, "cached_tokens", 0)
+
     def release(self) -> None:
         """Free the slot (idempotent); unless finished, the engine drops the sequence."""
         if self.released:

@@ -23,8 +23,12 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def models(model: str, created: int, context: int) -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created,
-                                        "owned_by": "pipeline", "context_length": context}]}
+    """The model list in OpenAI's shape and Anthropic's at once (their fields do not clash)."""
+    entry = {"id": model, "object": "model", "created": created, "owned_by": "pipeline",
+             "context_length": context, "type": "model", "display_name": model,
+             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))}
+    return {"object": "list", "data": [entry], "has_more": False, "first_id": model,
+            "last_id": model}
 
 
 def _envelope(kind: str, rid: str, created: int, model: str, chunk: bool) -> dict:
