@@ -74,15 +74,34 @@ TOOLS = [{"type": "function", "function": {
         "name": "get_time", "description": "The time in a time zone",
         "parameters": {"type": "object", "properties": {"zone": {"type": "string"}},
                        "required": ["zone"]}}}]
+# For the agent CLIs (tests/test_agent_cli.py): a first turn that calls Claude Code's Bash tool
+# and Codex's exec_command (each client gets one call it knows; the other comes back as text),
+# and, once a tool result ends the conversation, "Done.": the agent template closes the think
+# block after a tool message as enable_thinking false does, so that answer is the second script.
+AGENT_THINKING = ["<think>", "The user wants the marker.", "\n</th", "ink>\n\n",
+                  "I will write the marker.", "\n<tool_call>\n",
+                  '{"name": "Bash", "arguments": {"command": "echo pipeline-ok > '
+                  'cc-marker.txt", "description": "Write a marker file"}}', "\n</tool_call>",
+                  "\n<tool_call>",
+                  '{"name": "exec_command", "arguments": {"cmd": "echo pipeline-ok > '
+                  'cx-marker.txt"}}', "</tool_call>"]
+AGENT_AFTER_TOOL = ["Done."]
+AGENT_TEMPLATE = TEMPLATE.replace(
+    "{% if enable_thinking is defined and not enable_thinking %}",
+    "{% if (enable_thinking is defined and not enable_thinking) or "
+    "messages[-1].role == 'tool' %}")
+assert AGENT_TEMPLATE != TEMPLATE
 BIG = 1000.0  # a chain token's embedding coordinate
 READ = 10.0  # the head's weight on it, in the successor's row
 
 
-def make_scripted_model(out: Path, template: str = TEMPLATE) -> Path:
+def make_scripted_model(out: Path, template: str = TEMPLATE, thinking: list[str] = THINKING,
+                        not_thinking: list[str] = NOT_THINKING) -> Path:
     """The scripted model in `out`; `template`: its chat template (one that ignores
-    enable_thinking scripts the THINKING answer only)."""
+    enable_thinking scripts the `thinking` answer only); the two scripts: the answers with
+    thinking on (the template's default) and off."""
     path = make_model("tiny-mistral", out, num_layers=4)
-    pieces = THINKING + NOT_THINKING + ["</think>"]  # </think>: the think marker, in the vocab
+    pieces = thinking + not_thinking + ["</think>"]  # </think>: the think marker, in the vocab
     data = json.loads((path / "tokenizer.json").read_text())
     base = len(data["model"]["vocab"])
     assert len(set(pieces)) == len(pieces) and not data["added_tokens"][3:]
@@ -103,7 +122,7 @@ def make_scripted_model(out: Path, template: str = TEMPLATE) -> Path:
     ids = {p: base + i for i, p in enumerate(pieces)}
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     chains = []
-    for kwargs, script in (({}, THINKING), ({"enable_thinking": False}, NOT_THINKING)):
+    for kwargs, script in (({}, thinking), ({"enable_thinking": False}, not_thinking)):
         prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=TOOLS,
                                          add_generation_prompt=True, **kwargs)
         if chains and chains[0][0] == prompt[-1]:
@@ -149,3 +168,10 @@ def scripted_chatml_model(tmp_path_factory) -> Path:
     from pipeline.model.make_model import CHAT_TEMPLATE
 
     return make_scripted_model(tmp_path_factory.mktemp("scripted-chatml"), CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def scripted_agent_model(tmp_path_factory) -> Path:
+    """The scripted model for the agent CLIs (AGENT_THINKING, then AGENT_AFTER_TOOL)."""
+    return make_scripted_model(tmp_path_factory.mktemp("scripted-agent"), AGENT_TEMPLATE,
+                               AGENT_THINKING, AGENT_AFTER_TOOL)

@@ -153,18 +153,20 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def _tools(body: dict) -> tuple[list | None, str | None, bool | None]:
-    """(OpenAI tools, tool_choice, parallel_tool_calls)."""
+def _tools(body: dict, notes: list[str]) -> tuple[list | None, str | None, bool | None]:
+    """(OpenAI tools, tool_choice, parallel_tool_calls). Anthropic's server tools (web_search,
+    code_execution, ...: a `type` other than custom) are left out of the prompt, and `notes`
+    says so: this server cannot run them."""
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise bad("'tools' must be a list of {name, description, input_schema}", "tools")
-    out = []
+    out, left = [], []
     for i, t in enumerate(tools or []):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
             raise bad(f"tools[{i}] must be {{name, description, input_schema}}", f"tools[{i}]")
         if t.get("type") not in (None, "custom"):
-            raise unsupported(f"tools[{i}].type", f"the server tool {t['type']!r} (only client "
-                              f"tools, with an input_schema, can be offered)")
+            left.append(f"{t['type']} {t['name']!r}")
+            continue
         if not isinstance(t.get("input_schema"), dict):
             raise bad(f"tools[{i}].input_schema must be a JSON schema object",
                       f"tools[{i}].input_schema")
@@ -172,6 +174,9 @@ def _tools(body: dict) -> tuple[list | None, str | None, bool | None]:
         if isinstance(t.get("description"), str):
             fn["description"] = t["description"]
         out.append({"type": "function", "function": fn})
+    if left:
+        notes.append(f"Messages API: left out of the prompt the server tools this server "
+                     f"cannot run: {', '.join(left)}")
     choice = body.get("tool_choice")
     if choice is None:
         return out or None, None, None
@@ -196,13 +201,14 @@ def _thinking(body: dict) -> dict:
     return {"enable_thinking": thinking["type"] != "disabled"}
 
 
-def to_chat(body, *, counting: bool = False) -> dict:
-    """The chat completions body a Messages body means (raises ApiError 400)."""
+def to_chat(body, *, counting: bool = False, notes: list[str] | None = None) -> dict:
+    """The chat completions body a Messages body means (raises ApiError 400); `notes` gets
+    what the server's log should say once (tools left out)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     if not counting and body.get("max_tokens") is None:
         raise bad("'max_tokens' is required", "max_tokens")
-    tools, choice, parallel = _tools(body)
+    tools, choice, parallel = _tools(body, [] if notes is None else notes)
     chat = {"model": body.get("model"), "messages": _messages(body),
             "chat_template_kwargs": _thinking(body)}
     for ours, theirs in (("tools", tools), ("tool_choice", choice),
@@ -216,8 +222,12 @@ def to_chat(body, *, counting: bool = False) -> dict:
 
 
 def parse(body, state) -> api.Request:
-    return api.parse(to_chat(body), "chat", state.tokenizer, state.context, state.max_tokens,
-                     state.vocab)
+    notes: list[str] = []
+    chat = to_chat(body, notes=notes)
+    for line in notes:
+        state.note(line)
+    return api.parse(chat, "chat", state.tokenizer, state.context, state.max_tokens,
+                     state.vocab, clamp=True)
 
 
 def count_tokens(body, state) -> dict:

@@ -135,8 +135,10 @@ def _completion_prompt(body: dict, tokenizer, vocab: int) -> list[int]:
 
 
 def parse(body, kind: str, tokenizer, context: int, default_max_tokens: int,
-          vocab: int) -> Request:
-    """Check a request body and tokenize its prompt; raises ApiError (400) on anything wrong."""
+          vocab: int, clamp: bool = False) -> Request:
+    """Check a request body and tokenize its prompt; raises ApiError (400) on anything wrong.
+    `clamp`: a max_tokens beyond the context window is cut to what fits instead (agent clients
+    ask for 32000 whatever the model)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     if body.get("model") is not None and not isinstance(body["model"], str):
@@ -175,6 +177,8 @@ def parse(body, kind: str, tokenizer, context: int, default_max_tokens: int,
         raise ApiError(400, f"this model's context window is {context} tokens and the prompt "
                        f"has {len(req.prompt)}: shorten it", param, "context_length_exceeded")
     room = context - len(req.prompt)
+    if clamp and max_tokens is not None:
+        max_tokens = min(max_tokens, room)
     if max_tokens is not None and max_tokens > room:
         raise ApiError(400, f"this model's context window is {context} tokens: the prompt has "
                        f"{len(req.prompt)} and {max_tokens} more were asked for ({name}); ask "

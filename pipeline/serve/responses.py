@@ -97,21 +97,30 @@ def _items(body: dict) -> list[dict]:
     return out
 
 
-def _tools(body: dict) -> list | None:
+def _tools(body: dict, notes: list[str]) -> list | None:
+    """The function tools, in chat's form. Tools of other types (hosted ones such as
+    web_search, Codex's namespace groups) are left out of the prompt, and `notes` says so:
+    agent clients send them with every request, and a 400 would refuse every request."""
     tools = body.get("tools")
     if tools is None:
         return None
     if not isinstance(tools, list):
         raise bad("'tools' must be a list of {type: function, name, parameters}", "tools")
-    out = []
+    out, left = [], []
     for i, t in enumerate(tools):
-        if not isinstance(t, dict) or t.get("type") != "function":
-            kind = t.get("type") if isinstance(t, dict) else t
-            raise unsupported(f"tools[{i}]", f"the tool type {kind!r} (function tools are)")
+        if not isinstance(t, dict) or not isinstance(t.get("type"), str):
+            raise bad(f"tools[{i}] must be an object with a type", f"tools[{i}]")
+        if t["type"] != "function":
+            left.append(f"{t['type']} {t['name']!r}" if isinstance(t.get("name"), str)
+                        else t["type"])
+            continue
         if not isinstance(t.get("name"), str) or not t["name"]:
             raise bad(f"tools[{i}] needs a name", f"tools[{i}].name")
         fn = {k: t[k] for k in ("name", "description", "parameters") if t.get(k) is not None}
         out.append({"type": "function", "function": fn})
+    if left:
+        notes.append(f"Responses API: left out of the prompt the tools this server cannot "
+                     f"offer (only function tools can be): {', '.join(left)}")
     return out
 
 
@@ -121,8 +130,9 @@ def _tool_choice(choice):
     return choice
 
 
-def to_chat(body) -> dict:
-    """The chat completions body a Responses body means (raises ApiError 400)."""
+def to_chat(body, notes: list[str] | None = None) -> dict:
+    """The chat completions body a Responses body means (raises ApiError 400); `notes` gets
+    what the server's log should say once (tools left out)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     for name, why in (("previous_response_id", "this server stores no responses: send the "
@@ -143,7 +153,7 @@ def to_chat(body) -> dict:
         chat["reasoning_effort"] = effort
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
-    tools = _tools(body)
+    tools = _tools(body, [] if notes is None else notes)
     if tools:
         chat["tools"] = tools
     if body.get("tool_choice") is not None:
@@ -155,8 +165,12 @@ def to_chat(body) -> dict:
 
 
 def parse(body, state) -> api.Request:
-    return api.parse(to_chat(body), "chat", state.tokenizer, state.context, state.max_tokens,
-                     state.vocab)
+    notes: list[str] = []
+    chat = to_chat(body, notes)
+    for line in notes:
+        state.note(line)
+    return api.parse(chat, "chat", state.tokenizer, state.context, state.max_tokens,
+                     state.vocab, clamp=True)
 
 
 # -- answer -> response ---------------------------------------------------------------------
