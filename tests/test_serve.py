@@ -227,6 +227,30 @@ def test_openai_client_greedy_equals_one_shot(server, one_shot, chat):
     assert usage.completion_tokens == len(one_shot["tokens"])
 
 
+def test_messages_and_responses_greedy_equal_one_shot(server, one_shot):
+    """The same conversation through Anthropic's Messages API (its official client, with
+    x-api-key) and OpenAI's Responses API: the one-shot run's text and token counts."""
+    from anthropic import Anthropic
+
+    one_shot = one_shot[True]
+    messages = [{"role": "user", "content": PROMPT}]
+    client = Anthropic(base_url=server.url, api_key=API_KEY, max_retries=0, timeout=120)
+    got = client.messages.create(model="m", max_tokens=24, messages=messages,
+                                 extra_body={"temperature": 0})
+    assert "".join(b.text for b in got.content) == one_shot["completion"]
+    assert got.usage.input_tokens == len(one_shot["prompt_ids"])
+    assert got.usage.output_tokens == len(one_shot["tokens"])
+    assert got.stop_reason == {"length": "max_tokens", "stop": "end_turn"}[
+        one_shot["finish_reason"]]
+    resp = server.client().responses.create(model="m", input=PROMPT, max_output_tokens=24,
+                                            temperature=0)
+    assert resp.output_text == one_shot["completion"]
+    assert (resp.usage.input_tokens, resp.usage.output_tokens) == (
+        len(one_shot["prompt_ids"]), len(one_shot["tokens"]))
+    assert resp.status == ("incomplete" if one_shot["finish_reason"] == "length" else
+                           "completed")
+
+
 def test_eight_concurrent_clients_all_correct(server, oracle):
     server.wait_idle()
     prompts = [f"{w} and then the story goes on" for w in
@@ -344,6 +368,10 @@ def test_without_the_api_key_every_route_but_the_page_gets_401(server):
             assert {k: got["error"][k] for k in ("type", "param", "code")} == {
                 "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
             assert API_KEY not in got["error"]["message"]
+    for auth in ("", "Bearer not-the-key"):  # the Messages API answers in its own shape
+        status, got = server.request("POST", "/v1/messages", {"messages": HI}, auth=auth)
+        assert status == 401 and got["type"] == "error", got
+        assert got["error"]["type"] == "authentication_error" and got["error"]["message"]
     for path in ("/", "/static/chat.js", "/health"):  # no secrets there
         with urllib.request.urlopen(server.url + path, timeout=30) as r:
             assert r.status == 200, path
