@@ -54,6 +54,10 @@ def test_a_messages_body_becomes_the_chat_body_it_means():
     assert chat["tool_choice"] == "auto" and chat["parallel_tool_calls"] is False
     assert chat["chat_template_kwargs"] == {"enable_thinking": False}
     assert (chat["stop"], chat["temperature"], chat["max_tokens"]) == (["END"], 0.5, 16)
+    forced = [anthropic.to_chat(msgs({"role": "user", "content": "hi"}, tools=[TOOL],
+                                     tool_choice=c))["tool_choice"]
+              for c in ({"type": "any"}, {"type": "tool", "name": "get_weather"})]
+    assert forced == ["required", {"type": "function", "function": {"name": "get_weather"}}]
     notes = []
     anthropic.to_chat(msgs({"role": "user", "content": "hi"}, tools=[
         TOOL, {"type": "web_search_20250305", "name": "web_search"}]), notes=notes)
@@ -70,8 +74,7 @@ def test_a_messages_body_becomes_the_chat_body_it_means():
     (msgs({"role": "user", "content": [{"type": "video"}]}), "messages[0].content[0]"),
     (msgs({"role": "user", "content": "hi"}, tools=[{"name": "f", "input_schema": []}]),
      "tools[0].input_schema"),
-    (msgs({"role": "user", "content": "hi"}, tool_choice={"type": "tool", "name": "f"}),
-     "tool_choice"),
+    (msgs({"role": "user", "content": "hi"}, tool_choice={"type": "tool"}), "tool_choice"),
     (msgs({"role": "user", "content": "hi"}, tool_choice="auto"), "tool_choice"),
     (msgs({"role": "user", "content": "hi"}, thinking={"type": "on"}), "thinking"),
     (msgs({"role": "user", "content": "hi"}, system=[{"type": "image"}]), "system"),

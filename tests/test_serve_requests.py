@@ -108,9 +108,12 @@ BAD = [
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0]"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]},
      "tools[0].function.parameters"),
-    ({"tool_choice": "required", "tools": TOOLS}, "tool_choice"),
-    ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}, "tools": TOOLS},
-     "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools to call
+    ({"tool_choice": {"type": "function", "function": {"name": "get_date"}}, "tools": TOOLS},
+     "tool_choice"),  # not one of the tools
+    ({"tool_choice": {"type": "function"}, "tools": TOOLS}, "tool_choice"),
+    ({"tool_choice": "required", "tools": TOOLS, "response_format": {"type": "json_object"}},
+     "response_format"),
     ({"tool_choice": "sometimes"}, "tool_choice"),
     ({"parallel_tool_calls": "no"}, "parallel_tool_calls"),
     ({"chat_template_kwargs": ["enable_thinking"]}, "chat_template_kwargs"),
@@ -120,7 +123,10 @@ BAD = [
      "messages[0].tool_calls[0].function.arguments"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}},
+     "response_format"),  # a schema llguidance cannot compile
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      "response_format"),
     ({"presence_penalty": 0.5}, "presence_penalty"),

@@ -43,6 +43,7 @@ class Sequence:
     max_tokens: int = 0  # set by the engine: sampling.max_tokens within the context window
     logprobs: int | None = None  # per token: its log-probability and this many top ones
     token_logprobs: list = field(default_factory=list)  # (logprob, [(token, logprob)]) per token
+    constraint: object | None = None  # allowed(width) / apply(logprobs) / accept(token): a grammar
 
     def __post_init__(self):
         self.sampler = Sampler(self.sampling)  # its own random stream (see sampling.py)
@@ -160,14 +161,19 @@ class Engine:
                 now = time.perf_counter()
                 keep = []
                 for row, seq in enumerate(batch):
-                    decided = seq.sampling.greedy and not exact[row]  # the greedy token
+                    grammar = seq.constraint
+                    # the greedy token, unless exact logprobs or a grammar must decide
+                    decided = seq.sampling.greedy and not exact[row] and grammar is None
                     logprobs = None
                     if not decided or seq.logprobs is not None:
                         if logits is None:  # a summarized step that combine_tops left open
                             logits = self.stage.logits(msg.h)
                         logprobs = logprobs_of(logits[row : row + 1])
                     # sampled rows each with their own RNG, from exact logprobs
-                    token = greedy[row] if decided else seq.sampler(logprobs)
+                    drawn = logprobs if grammar is None else grammar.apply(logprobs)
+                    token = greedy[row] if decided else seq.sampler(drawn)
+                    if grammar is not None:
+                        grammar.accept(token)
                     if seq.logprobs is not None:  # of the logits the token was drawn from
                         seq.token_logprobs.append(top_logprobs(logprobs, token, seq.logprobs))
                     if not seq.tokens:

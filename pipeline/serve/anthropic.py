@@ -153,7 +153,7 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def _tools(body: dict, notes: list[str]) -> tuple[list | None, str | None, bool | None]:
+def _tools(body: dict, notes: list[str]) -> tuple[list | None, object, bool | None]:
     """(OpenAI tools, tool_choice, parallel_tool_calls). Anthropic's server tools (web_search,
     code_execution, ...: a `type` other than custom) are left out of the prompt, and `notes`
     says so: this server cannot run them."""
@@ -182,12 +182,13 @@ def _tools(body: dict, notes: list[str]) -> tuple[list | None, str | None, bool 
         return out or None, None, None
     if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool", "none"):
         raise bad("'tool_choice' must be {type: auto | any | tool | none}", "tool_choice")
-    if choice["type"] in ("any", "tool"):
-        raise unsupported("tool_choice", f"{{type: {choice['type']}}} (forcing a call needs "
-                          f"constrained decoding, not built yet; auto and none are)")
     parallel = None if choice.get("disable_parallel_tool_use") is None else not choice[
         "disable_parallel_tool_use"]
-    return out or None, choice["type"], parallel
+    if choice["type"] == "tool":
+        if not isinstance(choice.get("name"), str):
+            raise bad("'tool_choice' {type: tool} needs the tool's name", "tool_choice")
+        return out or None, {"type": "function", "function": {"name": choice["name"]}}, parallel
+    return out or None, {"any": "required"}.get(choice["type"], choice["type"]), parallel
 
 
 def _thinking(body: dict) -> dict:

@@ -34,6 +34,7 @@ class Request:
     include_usage: bool = False
     logprobs: int | None = None  # each token's log-probability and this many alternatives
     chat: ChatPrompt | None = None  # a chat's tools, reasoning and call markers
+    constraint: object | None = None  # grammar.Constraint: the tokens allowed at each step
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float, *, low_open: bool = False,
@@ -102,9 +103,6 @@ def _refuse_unsupported(body: dict, kind: str) -> None:
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and isinstance(fmt.get("type"), str)):
         raise bad("'response_format' must be an object with a 'type'", "response_format")
-    if fmt and fmt["type"] != "text":
-        raise unsupported("response_format", f"type \"{fmt['type']}\" (it needs constrained "
-                          f"decoding, not built yet; \"text\" is the default)")
     if body.get("echo"):
         raise unsupported("echo", "echoing the prompt")
     if _number(body, "best_of", 1, 1, 1 if kind == "chat" else 2**31, integer=True) != 1:
@@ -132,6 +130,26 @@ def _completion_prompt(body: dict, tokenizer, vocab: int) -> list[int]:
     if isinstance(prompt, list) and len(prompt) > 1:
         raise bad("one prompt per request: send the others as separate requests", "prompt")
     raise bad("'prompt' must be a string or a list of token ids", "prompt")
+
+
+def _constraint(body: dict, chat: ChatPrompt | None, tokenizer):
+    """The grammar a forced tool call or a JSON response_format puts on the answer."""
+    from pipeline.serve import grammar
+    from pipeline.serve.families import Family
+
+    family, reasoning = (chat.family, chat.reasoning) if chat else (Family("none"), False)
+    if chat is not None and chat.force:
+        if body.get("response_format") and body["response_format"].get("type") != "text":
+            raise bad("'response_format' and a forced 'tool_choice' cannot both shape the "
+                      "answer", "response_format")
+        return grammar.Constraint(grammar.tool_grammar(
+            family, reasoning, chat.tools, chat.force_name, chat.parallel, tokenizer),
+            tokenizer, "tool_choice")
+    schema = grammar.response_schema(body)
+    if schema is None:
+        return None
+    return grammar.Constraint(grammar.json_grammar(family, reasoning, schema, tokenizer),
+                              tokenizer, "response_format")
 
 
 def parse(body, kind: str, tokenizer, context: int, default_max_tokens: int,
@@ -173,6 +191,7 @@ def parse(body, kind: str, tokenizer, context: int, default_max_tokens: int,
         param, req.prompt = "prompt", _completion_prompt(body, tokenizer, vocab)
     if not req.prompt:
         raise bad("the prompt is empty after tokenization", param)
+    req.constraint = _constraint(body, req.chat, tokenizer)
     if len(req.prompt) >= context:
         raise ApiError(400, f"this model's context window is {context} tokens and the prompt "
                        f"has {len(req.prompt)}: shorten it", param, "context_length_exceeded")

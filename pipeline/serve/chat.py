@@ -16,8 +16,8 @@ import json
 from dataclasses import dataclass
 
 from pipeline.model.prompt import encode, render, wants_chat
-from pipeline.serve.errors import bad, unsupported
-from pipeline.serve.families import GENERIC_CALL, Family, family_of, generic
+from pipeline.serve.errors import bad
+from pipeline.serve.families import GENERIC_CALL, JSON_CALL_FAMILIES, Family, family_of, generic
 
 ROLES = {"system", "user", "assistant", "developer", "tool"}
 GENERIC_SYSTEM = """\
@@ -39,6 +39,8 @@ class ChatPrompt:
     reasoning: bool  # the prompt opened a reasoning block: the answer starts inside it
     parallel: bool = True  # parallel_tool_calls: false: the answer ends after its first call
     note: str | None = None  # said once in the server's log (the generic form, and why)
+    force: bool = False  # tool_choice "required" or a named function: the answer is calls
+    force_name: str | None = None  # the named function
 
 
 def _text(content, where: str, null_ok: bool) -> str:
@@ -108,10 +110,10 @@ def chat_messages(body: dict) -> list[dict]:
     return out
 
 
-def chat_tools(body: dict) -> list[dict] | None:
-    """The request's tools, checked, in OpenAI's form (which templates take); None: none, or
-    tool_choice "none". tool_choice "required" or a named function would need constrained
-    decoding: a 400 until there is one."""
+def chat_tools(body: dict) -> tuple[list[dict] | None, bool, str | None]:
+    """The request's tools, checked, in OpenAI's form (which templates take; None: none, or
+    tool_choice "none"), whether tool_choice forces a call ("required" or a named function),
+    and the named function."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is not None and not isinstance(tools, list):
         raise bad("'tools' must be a list of {type: function, function: {...}}", "tools")
@@ -124,16 +126,27 @@ def chat_tools(body: dict) -> list[dict] | None:
         if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
             raise bad(f"tools[{i}].function.parameters must be a JSON schema object",
                       f"tools[{i}].function.parameters")
-    if isinstance(choice, dict) or choice == "required":
-        raise unsupported("tool_choice", f"{json.dumps(choice)} (forcing a call needs "
-                          f"constrained decoding, not built yet; \"auto\" and \"none\" are)")
-    if choice not in (None, "auto", "none"):
+    name = None
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if choice.get("type") == "function" and isinstance(fn, dict) else None
+        if not isinstance(name, str):
+            raise bad("'tool_choice' as an object must be {type: function, function: {name}}",
+                      "tool_choice")
+        if name not in {t["function"]["name"] for t in tools or []}:
+            raise bad(f"'tool_choice' names {name!r}, which is not one of the tools",
+                      "tool_choice")
+    elif choice not in (None, "auto", "none", "required"):
         raise bad("'tool_choice' must be \"auto\", \"none\", \"required\" or "
                   "{type: function, function: {name}}", "tool_choice")
+    force = choice == "required" or name is not None
+    if force and not tools:
+        raise bad("'tool_choice' forces a call but 'tools' is empty", "tool_choice")
     if body.get("parallel_tool_calls") not in (None, True, False):
         raise bad("'parallel_tool_calls' must be true or false", "parallel_tool_calls")
-    return [{"type": "function", "function": t["function"]} for t in tools] if (
+    out = [{"type": "function", "function": t["function"]} for t in tools] if (
         tools and choice != "none") else None
+    return out, force, name
 
 
 def template_kwargs(body: dict) -> dict:
@@ -181,7 +194,7 @@ def chat_prompt(body: dict, tokenizer) -> ChatPrompt:
     """Tokenize a chat request (messages, tools, template variables) through the template."""
     from jinja2 import TemplateError
 
-    messages, tools = chat_messages(body), chat_tools(body)
+    messages, (tools, force, name) = chat_messages(body), chat_tools(body)
     kwargs = template_kwargs(body)
     family, note = family_of(tokenizer), None
     if not wants_chat(tokenizer, None):  # the raw text of the turns, as one-shot --no-chat
@@ -196,6 +209,9 @@ def chat_prompt(body: dict, tokenizer) -> ChatPrompt:
                 why = "no tool-call parser is known for its chat template"
             elif text == render(tokenizer, messages, None, **kwargs):
                 why = "its chat template ignores tools"
+            elif force and family.name not in JSON_CALL_FAMILIES:
+                why = (f"tool_choice forces a call, and the grammar that does so writes JSON "
+                       f"calls ({family.name} calls are not JSON)")
             if why:
                 family = generic(family)
                 note = (f"tools are described in a system message with the generic JSON call "
@@ -206,4 +222,4 @@ def chat_prompt(body: dict, tokenizer) -> ChatPrompt:
     ids = tokenizer.encode(text, add_special_tokens=False)
     reasoning = bool(family.think) and text.rfind(family.think[0]) > text.rfind(family.think[1])
     return ChatPrompt(ids, family, tools, reasoning, body.get("parallel_tool_calls") is not False,
-                      note)
+                      note, force, name)

@@ -35,6 +35,7 @@ def _generic_json(text: str, tools=None) -> dict:
 
 
 GENERIC_CALL = ("<tool_call>", "</tool_call>")  # the generic format's markers (chat.py)
+JSON_CALL_FAMILIES = ("json_tools", "generic")  # a call block holds {"name", "arguments"}
 
 # DeepSeek V3 / V3.1 (its full-width bars and U+2581 spaces are part of the tokens):
 #   <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{ARGS}<｜tool▁call▁end｜>...

@@ -44,7 +44,8 @@ class Job:
                                   seed=req.seed, max_tokens=req.max_tokens,
                                   ignore_eos=req.ignore_eos)
         self.seq = Sequence(id=id(self), prompt=req.prompt, sampling=sampling,
-                            extra={"job": self}, logprobs=req.logprobs)
+                            extra={"job": self}, logprobs=req.logprobs,
+                            constraint=req.constraint)
         self.events: asyncio.Queue = asyncio.Queue()
         self.detok = state.tokenizer.detokenizer  # a fresh copy per access
         self.stops = api.StopText(req.stop)

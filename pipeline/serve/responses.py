@@ -130,6 +130,14 @@ def _tool_choice(choice):
     return choice
 
 
+def _format(fmt):
+    """text.format as chat's response_format (Responses puts the schema at the top level)."""
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and "json_schema" not in fmt:
+        return {"type": "json_schema", "json_schema": {
+            k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}}
+    return fmt
+
+
 def to_chat(body, notes: list[str] | None = None) -> dict:
     """The chat completions body a Responses body means (raises ApiError 400); `notes` gets
     what the server's log should say once (tools left out)."""
@@ -146,7 +154,7 @@ def to_chat(body, notes: list[str] | None = None) -> dict:
     chat = {"model": body.get("model"), "messages": _items(body)}
     fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
     if fmt is not None:
-        chat["response_format"] = fmt
+        chat["response_format"] = _format(fmt)
     effort = (body.get("reasoning") or {}).get("effort") if isinstance(
         body.get("reasoning"), dict) else None
     if effort is not None:

@@ -169,9 +169,10 @@ class Server:
         """--concurrency 1: each request as a one-shot chat through Driver.generate, which
         drafts (prompt lookup or --draft-model) and keeps the KV cache of the longest prompt
         prefix shared with the previous request (a chat resends its whole conversation).
-        One that asks for logprobs goes through the engine, which computes them."""
+        One that asks for logprobs or has a grammar goes through the engine, which computes
+        the one and applies the other."""
         for seq in self.inbox:
-            if seq.logprobs is not None:
+            if seq.logprobs is not None or seq.constraint is not None:
                 engine.run([seq], self.on_done, self.on_token)
                 continue
             seq.started = time.perf_counter()
