@@ -193,10 +193,35 @@ def test_completion_logprobs_equal_mlx_lm(server, tok, scripted_model):
     assert streamed == lp.token_logprobs
 
 
+TIGHT = [{"type": "function", "function": {"name": n, "parameters": {
+    "type": "object", "properties": {k: {"enum": vals}}, "required": [k],
+    "additionalProperties": False}}} for n, k, vals in (("get_weather", "city", ["Paris", "Rome"]),
+                                                        ("get_time", "zone", ["CET", "UTC"]))]
+
+
+def test_a_forced_call_and_a_json_schema_through_the_engine(server):
+    """The grammar, applied by the engine at 2 ranks: the scripted answer's sentence after its
+    reasoning is refused, so a call comes (schema-valid); a JSON schema gives JSON."""
+    got = chat(server, tools=TIGHT, tool_choice="required", parallel_tool_calls=False,
+               max_tokens=60).choices[0]
+    assert got.finish_reason == "tool_calls" and not got.message.content
+    ((name, args),) = calls_of(got.message)
+    allowed = {t["function"]["name"]: t["function"]["parameters"]["properties"] for t in TIGHT}
+    (key, spec), = allowed[name].items()
+    assert args == {key: args[key]} and args[key] in spec["enum"]
+    named = chat(server, tools=TIGHT, tool_choice={"type": "function", "function": {
+        "name": "get_time"}}, parallel_tool_calls=False, max_tokens=60).choices[0]
+    assert [n for n, _ in calls_of(named.message)] == ["get_time"]
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
+              "required": ["answer"], "additionalProperties": False}
+    js = chat(server, max_tokens=60, response_format={"type": "json_schema", "json_schema": {
+        "name": "a", "schema": schema}}).choices[0]
+    assert json.loads(js.message.content)["answer"] in ("yes", "no")
+    assert js.finish_reason == "stop"
+
+
 def test_refused_fields_over_http(server):
-    for extra, param in (({"tool_choice": "required", "tools": TOOLS}, "tool_choice"),
-                         ({"response_format": {"type": "json_object"}}, "response_format"),
-                         ({"presence_penalty": 1}, "presence_penalty"),
+    for extra, param in (({"presence_penalty": 1}, "presence_penalty"),
                          ({"logit_bias": {"5": 100}}, "logit_bias")):
         status, body = server.request("POST", "/v1/chat/completions",
                                       {"messages": ASK, **extra})
