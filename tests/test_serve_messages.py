@@ -126,7 +126,7 @@ def test_messages_refusals_are_in_anthropics_shape(server):
             {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                          "data": "AA=="}}]}]},
         {"max_tokens": 8, "messages": [{"role": "user", "content": ASK}],
-         "tool_choice": {"type": "any"}, "tools": TOOLS_A},
+         "tool_choice": {"type": "tool", "name": "get_date"}, "tools": TOOLS_A},  # no such tool
     ]
     for body in bad:
         status, got = server.request("POST", "/v1/messages", {"model": "m", **body})
