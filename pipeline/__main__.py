@@ -32,7 +32,7 @@ import typer  # noqa: E402
 from pipeline.exec.driver import DEFAULT_PREFILL_CHUNK  # noqa: E402
 from pipeline.exec.sampling import DEFAULT_MAX_TOKENS, SamplingParams  # noqa: E402
 from pipeline.flags import (  # noqa: E402
-    CHAT, DEQUANTIZE, DISTRIBUTE, DRAFT_MODEL, DTYPE, HOSTFILE, IGNORE_EOS,
+    CHAT, DEQUANTIZE, DISTRIBUTE, DRAFT_EXACT, DRAFT_MODEL, DTYPE, HOSTFILE, IGNORE_EOS,
     MAX_CONTEXT, MAX_TOKENS, MEMORY_FRACTION, MIN_P, MODEL, NUM_DRAFT_TOKENS, PREFILL_CHUNK,
     OPTIMIZE, PROMPT_LOOKUP, SEED, SHARE_HEAD, SPLIT, SYSTEM, TEMP, TOP_P, TP, VERBOSE,
 )
@@ -129,8 +129,8 @@ def main(
     hostfile: Optional[str] = HOSTFILE, max_context: Optional[int] = MAX_CONTEXT,
     memory_fraction: float = MEMORY_FRACTION, distribute: Optional[bool] = DISTRIBUTE,
     prompt_lookup: bool = PROMPT_LOOKUP, num_draft_tokens: int = NUM_DRAFT_TOKENS,
-    draft_model: Optional[str] = DRAFT_MODEL, tp: Optional[int] = TP,
-    optimize: Optional[str] = OPTIMIZE, verbose: bool = VERBOSE,
+    draft_model: Optional[str] = DRAFT_MODEL, draft_exact: bool = DRAFT_EXACT,
+    tp: Optional[int] = TP, optimize: Optional[str] = OPTIMIZE, verbose: bool = VERBOSE,
 ):
     """Chat with (or, with --prompt, run once) an LLM split by layers across MPI ranks."""
     if ctx.invoked_subcommand is not None:
@@ -146,7 +146,7 @@ def main(
     from pipeline.commands.chat import run_one_shot, run_repl, set_drafting
 
     def body(driver):
-        set_drafting(driver, prompt_lookup, num_draft_tokens, draft_model, opts)
+        set_drafting(driver, prompt_lookup, num_draft_tokens, draft_model, opts, draft_exact)
         if prompt is not None:
             run_one_shot(driver, prompt, system, chat, sampling, as_json)
         else:
@@ -228,7 +228,7 @@ def bench_cmd(
     speculative: bool = typer.Option(False, "--speculative", help="Instead: one chat's decode "
                                      "tok/s with and without prompt lookup, on edit prompts "
                                      "and plain questions (acceptance, tokens per pass)."),
-    num_draft_tokens: int = NUM_DRAFT_TOKENS,
+    num_draft_tokens: int = NUM_DRAFT_TOKENS, draft_exact: bool = DRAFT_EXACT,
     split: Optional[str] = SPLIT, dtype: Optional[str] = DTYPE,
     dequantize: Optional[bool] = DEQUANTIZE, distribute: Optional[bool] = DISTRIBUTE,
     share_head: bool = SHARE_HEAD, tp: Optional[int] = TP, optimize: Optional[str] = OPTIMIZE,
@@ -265,7 +265,8 @@ def bench_cmd(
         if num_draft_tokens < 1:
             _fail("--num-draft-tokens must be at least 1")
         _run(opts, lambda d: run_speculative_bench(d, gen_tokens, repeats, warmup,
-                                                   num_draft_tokens, json_out, label))
+                                                   num_draft_tokens, json_out, label,
+                                                   exact=draft_exact))
         return
     from mpi4py import MPI
 
@@ -294,7 +295,8 @@ def serve_cmd(
     distribute: Optional[bool] = DISTRIBUTE, share_head: bool = SHARE_HEAD,
     tp: Optional[int] = TP, optimize: Optional[str] = OPTIMIZE,
     prompt_lookup: bool = PROMPT_LOOKUP, num_draft_tokens: int = NUM_DRAFT_TOKENS,
-    draft_model: Optional[str] = DRAFT_MODEL, verbose: bool = VERBOSE,
+    draft_model: Optional[str] = DRAFT_MODEL, draft_exact: bool = DRAFT_EXACT,
+    verbose: bool = VERBOSE,
 ):
     """OpenAI-compatible API (/v1) and a chat page (/) on rank 0; the other ranks serve layers.
     With --concurrency 1 each request is one chat at a time, with speculative decoding."""
@@ -319,7 +321,8 @@ def serve_cmd(
         if concurrency == 1:  # more at once: micro-batches keep the stages busy instead
             from pipeline.commands.chat import set_drafting
 
-            set_drafting(driver, prompt_lookup, num_draft_tokens, draft_model, opts)
+            set_drafting(driver, prompt_lookup, num_draft_tokens, draft_model, opts,
+                         draft_exact)
         run_serve(driver, sock, model_name(model), concurrency, max_queue, max_tokens, verbose,
                   api_key)
 

@@ -44,11 +44,18 @@ DISTRIBUTE = typer.Option(None, "--distribute/--no-distribute",
 PROMPT_LOOKUP = typer.Option(True, "--prompt-lookup/--no-prompt-lookup",
                              help="Speculative decoding: propose the tokens that followed the "
                              "last few tokens earlier in the prompt or answer, and let the "
-                             "model check several at once (same tokens as without).")
+                             "model check several at once (same tokens as without, up to "
+                             "rounding ties; --draft-exact: token for token).")
 NUM_DRAFT_TOKENS = typer.Option(DEFAULT_NUM_DRAFT_TOKENS, "--num-draft-tokens",
                                 help="The most tokens proposed per pass (adapts below that).")
 DRAFT_MODEL = typer.Option(None, "--draft-model", help="Speculative decoding with proposals "
                            "from this small model (same tokenizer), held by rank 0 only.")
+DRAFT_EXACT = typer.Option(False, "--draft-exact", help="Speculative decoding keeps a proposal "
+                           "only when no rounding of the verification pass could change the "
+                           "model's pick there: plain decoding's tokens token for token, but "
+                           "few proposals kept in 16-bit. Default: keep a proposal when it is "
+                           "the model's pick (greedy) or by standard speculative sampling; may "
+                           "differ from plain decoding where two logits tie within rounding.")
 
 SHARE_HEAD = typer.Option(True, "--share-head/--no-share-head",
                           help="With 2+ ranks the last one holds part of the head's rows and "

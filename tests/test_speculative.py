@@ -1,5 +1,6 @@
-"""Speculative decoding (exec/draft.py, exec/verify.py): proposals, the acceptance rule, the
-caches every rank trims, and the tokens, which must be those of plain decoding.
+"""Speculative decoding (exec/draft.py, exec/verify.py): proposals, the acceptance rules
+(standard by default, the margin test with --draft-exact), the caches every rank trims, and the
+tokens, which must be those of plain decoding (standard: up to ties within rounding).
 
 Most tests drive the real Driver and Workers over the in-process ring of test_engine.py; the
 last ones run one-shot jobs over mpirun and compare --json token ids with and without
@@ -18,7 +19,7 @@ from test_engine import PROMPTS, LocalNet, _driver
 from pipeline.exec import draft, verify as verify_mod
 from pipeline.exec.draft import (DraftControl, DraftModel, DraftOptions, PromptLookup,
                                  Speculation, cache_limit, load_draft_model)
-from pipeline.exec.sampling import Sampler, SamplingParams
+from pipeline.exec.sampling import Sampler, SamplingParams, logprobs_of
 from pipeline.exec.verify import verify
 from pipeline.model.load import load_stage, read_config
 from pipeline.model.spec import ModelError
@@ -88,40 +89,60 @@ def _logits(rows: list[list[float]]) -> mx.array:
     return mx.array(rows, dtype=mx.float32)
 
 
-def test_verify_greedy_takes_the_agreeing_prefix_and_one_more():
+@pytest.mark.parametrize("exact", [False, True])
+def test_verify_greedy_takes_the_agreeing_prefix_and_one_more(exact):
     greedy = Sampler(SamplingParams())
     rows = _logits([[0, 5, 1, 0], [0, 0, 6, 1], [3, 0, 0, 1], [0, 0, 0, 2]])  # argmax 1 2 0 3
-    v = verify(rows, [1, 2, 0], greedy)
+    v = verify(rows, [1, 2, 0], greedy, exact=exact)
     assert (v.tokens, v.accepted, v.near_tie) == ([1, 2, 0, 3], 3, False)  # all + bonus
-    v = verify(rows, [1, 3, 0], greedy)
+    v = verify(rows, [1, 3, 0], greedy, exact=exact)
     assert (v.tokens, v.accepted, v.near_tie) == ([1, 2], 1, False)  # correction at 1
+    v = verify(rows, [2, 2, 0], greedy, exact=exact)
+    assert (v.tokens, v.accepted, v.near_tie) == ([1], 0, False)  # the first one rejected
 
 
-def test_verify_stops_at_a_near_tie_and_takes_nothing_from_it():
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_standard_greedy_keeps_the_argmax_whatever_the_margin(dtype):
+    """The default keeps a proposal iff it is the row's argmax, however close the runner-up
+    (here within the dtype's rounding, where the exact mode stops), and takes the argmax of
+    the first row whose proposal is not it; no near tie, no plain step after it."""
+    greedy = Sampler(SamplingParams())
+    tie = _logits([[0, 5, 1, 0], [0, 4, 4.02, 0], [3, 0, 0, 1]]).astype(dtype)
+    assert mx.argmax(tie, axis=-1).tolist() == [1, 2, 0]  # still apart after the cast
+    v = verify(tie, [1, 2], greedy)
+    assert (v.tokens, v.accepted, v.near_tie) == ([1, 2, 0], 2, False)
+    v = verify(tie, [1, 1], greedy)  # the runner-up by a hair is still not the argmax
+    assert (v.tokens, v.accepted, v.near_tie) == ([1, 2], 1, False)
+    v = verify(tie, [3, 2], greedy)
+    assert (v.tokens, v.accepted, v.near_tie) == ([1], 0, False)
+
+
+def test_exact_mode_stops_at_a_near_tie_and_takes_nothing_from_it():
     greedy = Sampler(SamplingParams())
     tie = _logits([[0, 5, 1, 0], [0, 4, 4 + 1e-6, 0], [3, 0, 0, 1]])
-    v = verify(tie, [1, 2], greedy)
+    v = verify(tie, [1, 2], greedy, exact=True)
     assert (v.tokens, v.accepted, v.near_tie) == ([1], 1, True)
     # the margin scales with the dtype: far enough apart in float32 is a tie in bfloat16
     apart = _logits([[0, 5, 1, 0], [0, 4, 4.02, 0]])
-    assert not verify(apart, [1], greedy).near_tie
-    assert verify(apart.astype(mx.bfloat16), [1], greedy).near_tie
+    assert not verify(apart, [1], greedy, exact=True).near_tie
+    assert verify(apart.astype(mx.bfloat16), [1], greedy, exact=True).near_tie
 
 
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("top_p,min_p", [(1.0, 0.0), (0.8, 0.0), (1.0, 0.1)])
-def test_verify_sampled_draws_the_plain_paths_tokens(top_p, min_p):
+def test_verify_sampled_draws_the_plain_paths_tokens(top_p, min_p, exact):
     """Position i draws with the key the plain path uses for its i-th token from here, so
     the verdict's tokens are the plain sampler's, for every seed."""
     rows = mx.random.normal((4, 64), key=mx.random.key(7)) * 2
-    for seed in range(40):
+    for seed in range(40 if exact else 20):
         params = SamplingParams(temp=0.9, top_p=top_p, min_p=min_p, seed=seed)
         plain = Sampler(params)
         expected = [plain(rows[i : i + 1] - mx.logsumexp(rows[i : i + 1], axis=-1))
                     for i in range(4)]
-        v = verify(rows, expected[:3], Sampler(params))
+        v = verify(rows, expected[:3], Sampler(params), exact=exact)
         assert not v.near_tie and v.tokens == expected and v.accepted == 3
         wrong = [expected[0], (expected[1] + 1) % 64, expected[2]]
-        v = verify(rows, wrong, Sampler(params))
+        v = verify(rows, wrong, Sampler(params), exact=exact)
         assert v.tokens == expected[:2] and v.accepted == 1
 
 
@@ -136,6 +157,96 @@ def test_verify_sampled_token_follows_the_target_distribution():
         counts[verify(logits, [1], Sampler(SamplingParams(temp=1.0, seed=seed))).tokens[0]] += 1
     chi2 = sum((c - draws * q) ** 2 / (draws * q) for c, q in zip(counts, p))
     assert chi2 < 20.5, (counts, chi2)  # 5 degrees of freedom: p = 0.001
+
+
+# A bigram toy model over 3 tokens: row t holds the logits of the token after t. With
+# temperature 0.8, top-p 0.9 and min-p 0.1 the cuts remove some tokens from some rows.
+BIGRAM = [[1.2, 0.9, -1.5], [0.1, 0.3, 0.2], [2.5, -0.4, 0.6]]
+BIGRAM_PARAMS = dict(temp=0.8, top_p=0.9, min_p=0.1)
+START, LENGTH, RUNS = 1, 3, 1500
+POSSIBLE = 16  # of the 27 sequences of 3 tokens, those the cuts leave a probability
+CHI2_LIMIT = 37.7  # chi-square, POSSIBLE - 1 = 15 degrees of freedom, p = 0.001
+
+
+def _bigram_sequence(seed: int, rule) -> tuple[int, ...]:
+    """LENGTH tokens after START, decoded as the driver does: each pass proposes k = all the
+    tokens left but one (a deterministic draft: the two tokens other than the last one), the
+    rule gives the tokens taken, the sampler skips their draws."""
+    table = _logits(BIGRAM)
+    sampler = Sampler(SamplingParams(seed=seed, **BIGRAM_PARAMS))
+    out = [START]
+    while len(out) <= LENGTH:
+        last, left = out[-1], LENGTH + 1 - len(out)
+        proposals = [(last + 1) % 3, (last + 2) % 3][: left - 1]
+        if not proposals:
+            out.append(sampler(logprobs_of(table[last : last + 1])))
+            continue
+        taken = rule(table[mx.array([last, *proposals])], proposals, sampler)
+        sampler.skip(len(taken))
+        out.extend(taken)
+    return tuple(out[1:])
+
+
+def _bigram_target() -> dict:
+    """Each sequence's probability under plain sampling: the product of its steps'
+    probabilities in the processed distribution the plain sampler draws from."""
+    import itertools
+
+    table = _logits(BIGRAM)
+    sampler = Sampler(SamplingParams(**BIGRAM_PARAMS))
+    p = [mx.softmax(sampler.scores(logprobs_of(table[t : t + 1])), axis=-1)[0].tolist()
+         for t in range(3)]
+    target = {}
+    for seq in itertools.product(range(3), repeat=LENGTH):
+        prob, last = 1.0, START
+        for t in seq:
+            prob, last = prob * p[last][t], t
+        target[seq] = prob
+    return target
+
+
+def _chi2(rule) -> float:
+    counts: dict = {}
+    for seed in range(RUNS):
+        seq = _bigram_sequence(seed, rule)
+        counts[seq] = counts.get(seq, 0) + 1
+    target = _bigram_target()
+    assert sum(q > 0 for q in target.values()) == POSSIBLE
+    assert all(target[seq] > 0 for seq in counts), "a sequence plain sampling never gives"
+    return sum((counts.get(seq, 0) - RUNS * q) ** 2 / (RUNS * q)
+               for seq, q in target.items() if q > 0)
+
+
+def test_sampled_drafting_leaves_the_output_distributed_as_plain_sampling():
+    """Whole decoded sequences of the toy model, drafting with standard acceptance at
+    temperature > 0 with cuts, against their probabilities under plain sampling; the same
+    statistic rejects two wrong rules: keeping every proposal, and on a rejection drawing
+    from p again without removing the proposal."""
+    import numpy as np
+
+    def standard(logits, proposals, sampler):
+        return verify(logits, proposals, sampler).tokens
+
+    def always_accept(logits, proposals, sampler):
+        return proposals + [sampler.draw(logprobs_of(logits[-1:]), sampler.next_keys(1)[0])]
+
+    rng = np.random.default_rng(0)
+
+    def redraw_from_p(logits, proposals, sampler):
+        out = []
+        for i, x in enumerate(proposals + [None]):
+            p = np.array(mx.softmax(sampler.scores(logprobs_of(logits[i : i + 1])),
+                                    axis=-1)[0].tolist())
+            if x is not None and rng.random() < p[x]:
+                out.append(x)
+                continue
+            out.append(int(rng.choice(len(p), p=p / p.sum())))  # x not removed: wrong
+            break
+        return out
+
+    assert _chi2(standard) < CHI2_LIMIT
+    assert _chi2(always_accept) > CHI2_LIMIT
+    assert _chi2(redraw_from_p) > CHI2_LIMIT
 
 
 # -- through the ring ------------------------------------------------------------------------
@@ -204,20 +315,52 @@ def test_chat_turns_reuse_the_cache_with_drafting(model_dir):
     assert {s.offset for s in net.stages} == {len(turn2) + 12 - 1}
 
 
-def test_near_ties_fall_back_to_plain_steps(model_dir, monkeypatch):
-    """With a tolerance so wide that every position is a near tie, nothing proposed is taken
-    and every token comes from a plain step after the failed pass: same tokens."""
+def test_exact_mode_near_ties_fall_back_to_plain_steps(model_dir, monkeypatch):
+    """--draft-exact with a tolerance so wide that every position is a near tie: nothing
+    proposed is taken and every token comes from a plain step after the failed pass, same
+    tokens. The default mode does not use the margin: it keeps the (correct) proposals."""
     monkeypatch.setattr(verify_mod, "TOLERANCE_EPS", 1e12)
     path = model_dir("tiny-llama")
     prompt, n = PROMPTS[2], 8
     expected = reference_tokens(path, prompt, n)
     net = LocalNet(path, [3, 4])
     driver = _driver(net)
-    driver.drafting = DraftOptions(draft_model=Oracle(expected, len(prompt)))
+    driver.drafting = DraftOptions(draft_model=Oracle(expected, len(prompt)), exact=True)
     assert _generate(driver, prompt, n) == expected
     stats = driver.last_stats
     assert stats.accepted == 0 and stats.passes > n and stats.drafted >= stats.passes - n
     assert {s.offset for s in net.stages} == {len(prompt) + n - 1}
+    driver.drafting = DraftOptions(draft_model=Oracle(expected, len(prompt)))
+    assert _generate(driver, prompt, n) == expected
+    stats = driver.last_stats
+    assert stats.accepted == stats.drafted > 0 and stats.passes < n
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16bit_prompt_lookup_keeps_proposals_and_plain_greedy_text(model_dir, dtype):
+    """In 16-bit, prompt lookup on prompts of one repeated token (the tiny model then repeats
+    a token of its own) keeps proposals by default, where the exact mode's margin keeps
+    almost none, and gives plain greedy decoding's tokens, or tokens that first differ where
+    plain decoding's own two best logits lay within the exact mode's margin (rounding)."""
+    from pipeline.commands.bench_spec import agreement
+
+    net = LocalNet(model_dir("tiny-llama"), [3, 4], dtype=dtype)
+    kept = {False: 0, True: 0}
+    for prompt in ([10] * 12, [108] * 12, [87] * 12):
+        driver = _driver(net)
+        driver.keep_logits = logits = []
+        plain = _generate(driver, prompt, 24)
+        for exact in (False, True):
+            driver = _driver(net)
+            driver.drafting = DraftOptions(exact=exact)
+            drafted = _generate(driver, prompt, 24)
+            kept[exact] += driver.last_stats.accepted
+            agree = agreement(plain, drafted, logits)
+            if exact:
+                assert drafted == plain
+            elif drafted != plain:
+                assert agree["gap_eps"] <= 2 * verify_mod.TOLERANCE_EPS, agree
+    assert kept[False] >= 40 and kept[True] < kept[False] // 4, kept
 
 
 @pytest.mark.parametrize("kw", [dict(temp=1.0), dict(temp=0.7, top_p=0.9, min_p=0.05)])
@@ -314,7 +457,7 @@ def test_bench_speculative_fields(model_dir, tmp_path):
 
     from mlx_lm.utils import load_tokenizer
 
-    from pipeline.commands.bench_spec import PROMPTS, run_speculative_bench
+    from pipeline.commands.bench_spec import PROMPTS, markdown, run_speculative_bench
 
     path = model_dir("tiny-llama")
     driver = _driver(LocalNet(path, [7]))  # (the in-process ring answers no stats request)
@@ -326,8 +469,25 @@ def test_bench_speculative_fields(model_dir, tmp_path):
     for r in results["speculative"] + results["kinds"]:
         assert r["same_tokens"] and r["tokens_per_pass"] >= 1
         assert r["decode_tps_off"] > 0 and r["decode_tps_on"] > 0
+    for r in results["speculative"]:  # float32, bitwise equal kernels: the same text
+        assert r["agreement"] == {"identical": r["tokens"], "of": r["tokens"], "top2": None,
+                                  "gap": None, "gap_eps": None}
     assert [k["kind"] for k in results["kinds"]] == ["edit", "question"]
-    assert driver.drafting is None
+    assert [k["same_prompts"] for k in results["kinds"]] == [3, 3]
+    assert driver.drafting is None and driver.keep_logits is None
+    assert "| 12/12 |" in markdown(results) and "| 3 of 3 same |" in markdown(results)
+
+
+def test_bench_agreement_names_the_first_difference_and_its_top2_gap():
+    from pipeline.commands.bench_spec import agreement
+
+    rows = [mx.array(r, dtype=mx.bfloat16) for r in
+            ([0.0, 8.0, 1.0], [2.0, 0.0, 2.0625], [5.0, 0.0, 0.0])]
+    a = agreement([1, 2, 0], [1, 0, 0], rows)
+    assert (a["identical"], a["of"], a["top2"], a["gap"]) == (1, 3, [2.0625, 2.0], 0.0625)
+    assert a["gap_eps"] == pytest.approx(0.0625 / (2.0 ** -7 * 2.0625))  # 3.9 eps x max
+    assert agreement([1, 2, 0], [1, 2, 0], rows)["gap"] is None
+    assert agreement([1, 2], [1, 2, 0], rows)["identical"] == 2  # one stopped earlier
 
 
 def test_bad_drafting_flags_end_the_job_with_one_line(model_dir):

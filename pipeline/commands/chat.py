@@ -24,15 +24,16 @@ End a line with \\ to continue the message on the next line; pasted lines stay t
 
 
 def set_drafting(driver: Driver, prompt_lookup: bool, num_draft_tokens: int,
-                 draft_model: str | None, opts) -> None:
+                 draft_model: str | None, opts, exact: bool = False) -> None:
     """Speculative decoding for one-shot and the REPL (exec/draft.py): proposals from
-    --draft-model, else prompt lookup unless --no-prompt-lookup."""
+    --draft-model, else prompt lookup unless --no-prompt-lookup; exact: --draft-exact."""
     if draft_model is not None:
         model = load_draft_model(draft_model, driver.tokenizer, opts.dtype, opts.dequantize)
         driver.log(f"draft model {draft_model}: {len(model.stage.layers)} layers on rank 0")
-        driver.drafting = DraftOptions(num_draft_tokens=num_draft_tokens, draft_model=model)
+        driver.drafting = DraftOptions(num_draft_tokens=num_draft_tokens, draft_model=model,
+                                       exact=exact)
     elif prompt_lookup:
-        driver.drafting = DraftOptions(num_draft_tokens=num_draft_tokens)
+        driver.drafting = DraftOptions(num_draft_tokens=num_draft_tokens, exact=exact)
 
 
 def format_stats(stats: GenerationStats, ranks: list[dict]) -> list[str]:

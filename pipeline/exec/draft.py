@@ -2,9 +2,9 @@
 
 One conversation (one-shot, the REPL) decodes one token per trip round the ring. With
 proposals, the current token and k proposed tokens go round as one chunk of k+1 positions;
-rank 0 computes the logits of every position, keeps the proposals the model itself would have
-produced (verify.py) plus the token after them, and every rank trims the rest from its
-caches. A trip costs about the same for k+1 positions as for one while decoding reads weights
+rank 0 computes the logits of every position, keeps the proposals the model itself picks
+there (verify.py; --draft-exact: only those it would pick under any rounding of the pass) plus
+the token after them, and every rank trims the rest from its caches. A trip costs about the same for k+1 positions as for one while decoding reads weights
 (or waits on links) more than it computes, so each accepted proposal is a token for free.
 
 Proposals come from prompt lookup (the tokens that followed the latest earlier occurrence of
@@ -38,6 +38,7 @@ class DraftOptions:
     prompt_lookup: bool = True
     num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS
     draft_model: "DraftModel | None" = None  # proposals from a small model instead of lookup
+    exact: bool = False  # --draft-exact: the margin test (verify.py), plain decoding's tokens
 
 
 class PromptLookup:
@@ -181,9 +182,10 @@ class Speculation:
         else:
             self.source.reset(history)
         self.control = DraftControl(options.num_draft_tokens)
+        self.exact = options.exact
         self.limit, why = cache_limit(stage)
         self.off = why  # drafting is off for the rest of this generation, and why
-        self.plain_next = False  # the last pass stopped at a near tie: decode it alone
+        self.plain_next = False  # exact mode stopped at a near tie: decode it alone
 
     def propose(self, remaining: int) -> list[int]:
         """Proposals for the next pass: at most remaining - 1 (the pass adds one token of its
@@ -205,7 +207,7 @@ class Speculation:
         """The verdict on a pass over chunk = [token, *proposals] that came back as h:
         [1, L, D]: final norm and head on every position, then the acceptance rule."""
         logits = self.stage.head_logits(self.stage.norm(h)[0])  # [L, V]
-        verdict = verify(logits, chunk[1:], sampler)
+        verdict = verify(logits, chunk[1:], sampler, exact=self.exact)
         self.plain_next = verdict.near_tie
         pauses = self.control.pauses
         self.control.record(len(chunk) - 1, verdict.accepted)

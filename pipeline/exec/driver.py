@@ -94,6 +94,9 @@ class Driver:
         self.steps = 0  # forward steps, for the PIPELINE_FAULT test hook
         self._local: deque = deque()  # one rank: steps "sent round" to ourselves
         self.drafting: DraftOptions | None = None  # speculative decoding in generate()
+        # bench --speculative: a list makes generate() append each plain decode step's logits
+        # row ([V], as sampled) to it, to find how close a token the drafted text differs at was
+        self.keep_logits: list | None = None
         self.log = log or (lambda msg: None)  # --verbose lines
 
     # -- the steps every command uses ----------------------------------------------------
@@ -225,6 +228,8 @@ class Driver:
             logits = self.stage.logits(h)
             if LOGITS_OUT:
                 self._save_logits(logits)
+            if self.keep_logits is not None:
+                self.keep_logits.append(logits[0])
             new = [sampler(logprobs_of(logits))]  # [1, V] -> token
         else:
             verdict = spec.verify(h, chunk, sampler)

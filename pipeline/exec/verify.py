@@ -1,23 +1,31 @@
 """Speculative decoding's acceptance rule: from one pass over k+1 positions (the current
-token and k proposals), which tokens the plain one-position-per-pass decoding would produce.
+token and k proposals), which tokens to take. Two modes.
 
-Exactness. A pass over k+1 positions sums its products in another order than k+1 passes of
-one position, so the logits differ in the last bits (measured on a CPU with OpenBLAS, float32:
-up to 34 eps x the row's largest |logit| on SmolLM2 and the tiny test models; bitwise equal
-with MLX's own kernels, bfloat16 included). A position is taken only when its token would be
-the same under any change of every logit by up to `tolerance` (TOLERANCE_EPS, 7.5x the largest
-difference measured): for a greedy row the best log-probability must beat every other by more
-than twice that; for a sampled row the same holds for the scores the categorical draw compares
+Standard (the default, as mlx-lm, vLLM and llama.cpp do). Greedy: a proposal is kept when it
+is the verifier's argmax at its position; the first that is not is replaced by that argmax,
+and after k kept proposals the argmax of the last row is a bonus token. Temperature > 0:
+position i draws a token from the plain path's processed distribution p (top-p, then min-p,
+then the temperature, as Sampler.scores applies them) with the key the plain path would use
+for its i-th token from here (Sampler.next_keys). The proposal x is kept when the draw gives
+x, which happens with probability p(x); otherwise the token drawn is taken, and given that it
+is not x it is distributed as p with x removed and renormalized. That is standard
+speculative sampling for a deterministic (one-hot) draft, so the output is distributed as
+plain sampling's; with the plain path's random stream it is moreover the same tokens for a
+--seed, up to rounding. Rounding: a pass over k+1 positions sums its products in another
+order than k+1 passes of one, so the logits may differ in the last bits (measured on a CPU
+with OpenBLAS, float32: up to 34 eps x the row's largest |logit|; bitwise equal with MLX's own
+kernels, bfloat16 included); where two logits lie that close, the token taken may differ from
+plain decoding's, as batching's may.
+
+Exact (--draft-exact): a position is taken only when its token would be the same under any
+change of every logit by up to `tolerance` (TOLERANCE_EPS, 7.5x the largest difference
+measured): for a greedy row the best log-probability must beat every other by more than twice
+that; for a sampled row the same holds for the scores the categorical draw compares
 (log-probabilities / temperature + the Gumbel noise of the draw's key), and no top-p or min-p
 cut may lie within it of a contender. At the first position that fails, acceptance stops and
-nothing is taken from it (the next pass decodes it alone, as the plain path does).
-
-Sampling (temperature > 0). Position i of a pass draws with the key the plain path would use
-for the i-th token from here (Sampler.next_keys), so its token is the plain path's token. A
-proposal is accepted when it equals that token, which happens with probability p(proposal);
-otherwise the token drawn there is taken, distributed as p without the proposal, renormalized:
-standard speculative sampling for a deterministic draft, with the plain path's random stream,
-so a --seed gives the same tokens with or without drafting.
+nothing is taken from it (the next pass decodes it alone, as the plain path does): the tokens
+equal plain decoding's token for token. The margin scales with the dtype's epsilon, so in
+16-bit few positions clear it.
 """
 
 from __future__ import annotations
@@ -55,10 +63,14 @@ def tolerance(logits: mx.array) -> mx.array:
     return TOLERANCE_EPS * eps * mx.max(mx.abs(logits.astype(mx.float32)), axis=-1)
 
 
-def verify(logits: mx.array, proposals: list[int], sampler: Sampler) -> Verdict:
+def verify(logits: mx.array, proposals: list[int], sampler: Sampler,
+           exact: bool = False) -> Verdict:
     """logits: [k+1, V] of a pass over [current token, *proposals]; row i predicts the token
-    after position i. The tokens taken (proposals accepted, then the token drawn at the first
-    position that disagrees, if it is not a near tie). Uses no draws: the caller skip()s them."""
+    after position i. The tokens taken: proposals accepted, then the token drawn at the first
+    position that disagrees (exact: unless it is a near tie). Uses no draws: the caller
+    skip()s them."""
+    if not exact:
+        return _standard(logits, proposals, sampler)
     rows, vocab = logits.shape
     lp = logprobs_of(logits)  # [L, V], as the plain path computes each row
     slack = near_tie_tolerance(logits.dtype, vocab)  # rounding in the log-softmax
@@ -85,6 +97,24 @@ def verify(logits: mx.array, proposals: list[int], sampler: Sampler) -> Verdict:
             continue
         break  # the correction, or the bonus token after every proposal was accepted
     return Verdict(tokens, accepted, False)
+
+
+def _standard(logits: mx.array, proposals: list[int], sampler: Sampler) -> Verdict:
+    """Standard acceptance (see the module's docstring): each row's token as the plain path
+    picks or draws it, taken up to and including the first that is not the proposal."""
+    lp = logprobs_of(logits)  # [L, V], as the plain path computes each row
+    if sampler.params.greedy:
+        picks = mx.argmax(lp, axis=-1).tolist()  # in lp's dtype, as the plain path picks
+    else:
+        keys = sampler.next_keys(lp.shape[0])
+        picks = []
+        for i, key in enumerate(keys):  # drawn one by one: stop at the first rejection
+            picks.append(sampler.draw(lp[i : i + 1], key))
+            if i == len(proposals) or picks[-1] != proposals[i]:
+                break
+    accepted = next((i for i, (t, x) in enumerate(zip(picks, proposals)) if t != x),
+                    min(len(picks), len(proposals)))
+    return Verdict(picks[: accepted + 1], accepted, False)
 
 
 def _greedy(lp: mx.array, margin: mx.array) -> tuple[list[int], list[bool]]:
