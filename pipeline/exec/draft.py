@@ -4,8 +4,9 @@ One conversation (one-shot, the REPL) decodes one token per trip round the ring.
 proposals, the current token and k proposed tokens go round as one chunk of k+1 positions;
 rank 0 computes the logits of every position, keeps the proposals the model itself picks
 there (verify.py; --draft-exact: only those it would pick under any rounding of the pass) plus
-the token after them, and every rank trims the rest from its caches. A trip costs about the same for k+1 positions as for one while decoding reads weights
-(or waits on links) more than it computes, so each accepted proposal is a token for free.
+the token after them, and every rank trims the rest from its caches. A trip costs about the
+same for k+1 positions as for one while decoding reads weights (or waits on links) more than
+it computes, so each accepted proposal is a token for free.
 
 Proposals come from prompt lookup (the tokens that followed the latest earlier occurrence of
 the last n tokens in the prompt and the text so far, n = MAX_NGRAM down to 1), or from a
