@@ -13,7 +13,7 @@ from pipeline.wire.protocol import (HEADER_FIELDS, TOKENS, Flag, Header, Message
                                     encode)
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
-CONTROL = [Op.END, Op.OPEN, Op.JOIN, Op.FILTER, Op.TRIM]
+CONTROL = [Op.END, Op.OPEN, Op.JOIN, Op.FILTER, Op.TRIM, Op.SAVE, Op.DROP]
 
 
 def through_the_wire(msg: Message) -> Message:

@@ -88,6 +88,9 @@ class Driver:
         self.context = context  # the context window (tokens); None: unchecked
         self.head_share_rows = head_share_rows  # vocabulary rows the last rank holds
         self.head_split = None  # the engine's HeadSplit, learnt once and kept for the job
+        # prompt-cache bytes on the rank that holds the most per byte on rank 0 (its layers
+        # over rank 0's; the job sets it from the plan): the budget holds on every rank
+        self.cache_scale = 1.0
         self.fed: list[int] = []  # tokens whose keys/values sit in the caches of every rank
         self.interrupted = False  # set from a signal handler to stop the current generation
         self.last_stats: GenerationStats | None = None

@@ -6,6 +6,12 @@ one-shot mode (prompt[:-1], in chunks that flow through the stages one behind th
 then its caches join a micro-batch (mlx-lm's batch caches, left-padded), and its last
 prompt token rides that micro-batch's next decode step. A finished sequence leaves its
 micro-batch at once and the next prompt takes its place.
+
+With a prompt cache (prompt_cache_bytes > 0) a new sequence starts from the longest cached
+prefix of its prompt (prefix.py decides, every rank copies its share of the entry: Op.OPEN
+with a payload) and prefills only the rest; a finished one leaves its caches, prompt and
+answer, as an entry (Op.SAVE) for a later prompt that starts the same way, such as the next
+turn of its conversation.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Callable, Iterable, Iterator
 import mlx.core as mx
 
 from pipeline.exec.driver import Driver
+from pipeline.exec.prefix import PrefixIndex
 from pipeline.exec.head import (HeadSplit, SummaryCounts, combine_tops, greedy_rows, part_lse,
                                 part_summary)
 from pipeline.exec.sampling import Sampler, SamplingParams, logprobs_of, top_logprobs
@@ -44,6 +51,7 @@ class Sequence:
     logprobs: int | None = None  # per token: its log-probability and this many top ones
     token_logprobs: list = field(default_factory=list)  # (logprob, [(token, logprob)]) per token
     constraint: object | None = None  # allowed(width) / apply(logprobs) / accept(token): a grammar
+    cached_tokens: int = 0  # prompt tokens taken from the prompt cache, not prefilled
 
     def __post_init__(self):
         self.sampler = Sampler(self.sampling)  # its own random stream (see sampling.py)
@@ -53,7 +61,8 @@ class Sequence:
 class Engine:
     """Rank 0's batch scheduler over a Driver's stage and ring."""
 
-    def __init__(self, driver: Driver, concurrency: int, microbatches: int | None = None):
+    def __init__(self, driver: Driver, concurrency: int, microbatches: int | None = None,
+                 prompt_cache_bytes: int = 0):
         self.driver, self.stage = driver, driver.stage
         if self.stage.batch_problem:
             raise UnsupportedModel(f"{self.stage.model_type} cannot run batched: "
@@ -76,6 +85,10 @@ class Engine:
         self._step_cut = 0  # the cut the step being handled was sent with
         self._admitted = False  # a sequence was prefilled in this scheduling round
         self.summaries = SummaryCounts()  # greedy steps whose head came summarized
+        # the prompt cache's index (None: off); the entries live in every rank's table.store
+        self.prefixes = (PrefixIndex(prompt_cache_bytes, self.stage.can_keep)
+                         if prompt_cache_bytes > 0 else None)
+        self._new = True  # no run yet: other ranks may still hold an earlier engine's entries
 
     # -- messages, applied here and sent down the ring in the same order ----------------
     def _control(self, op: Op, mb: int, payload: list[int] | None = None) -> None:
@@ -127,12 +140,34 @@ class Engine:
             context = self.driver.context
             if context is not None:  # prompt + answer within the window, as serve counts
                 seq.max_tokens = min(seq.max_tokens, context - len(seq.prompt))
-            self._control(Op.OPEN, sid)
-            self.driver.prefill(seq.prompt[:-1], self.table.get(sid), sid)
-            joining.append((sid, seq))
+            entry, keep = (None, 0) if self.prefixes is None else self.prefixes.lookup(seq.prompt)
+            if entry is None:
+                self._control(Op.OPEN, sid)
+            else:  # every rank copies its share of the entry, cut back to `keep` tokens
+                self.prefixes.pin(entry.id)
+                self._control(Op.OPEN, sid, [entry.id, keep, len(entry)])
+            seq.cached_tokens = keep
+            self.driver.prefill(seq.prompt[keep:-1], self.table.get(sid), sid)
+            joining.append((sid, seq, entry))
         if joining:
-            self._control(Op.JOIN, mb, [sid for sid, _ in joining])
-            batch.extend(seq for _, seq in joining)
+            self._control(Op.JOIN, mb, [sid for sid, _, _ in joining])
+            batch.extend(seq for _, seq, _ in joining)
+            for _, _, entry in joining:  # copied into the micro-batch: evictable again
+                if entry is not None:
+                    self.prefixes.unpin(entry.id)
+
+    def _save(self, mb: int, row: int, seq: Sequence) -> None:
+        """Keep a finished sequence's caches (row `row` of micro-batch `mb`) as an entry: they
+        hold its prompt and its answer but the last token (sampled, never fed back)."""
+        tokens = seq.prompt + seq.tokens[:-1]
+        if self.prefixes.covered(tokens):
+            return
+        entry = self.prefixes.new_id()
+        self._control(Op.SAVE, mb, [entry, row])
+        nbytes = int(self.table.entry_bytes(entry) * self.driver.cache_scale)
+        drop = self.prefixes.add(entry, tokens, nbytes)
+        if drop:
+            self._control(Op.DROP, 0, drop)
 
     def run(self, sequences: Iterable[Sequence], on_done: Callable[[Sequence], None],
             on_token: Callable[[Sequence, int], None] | None = None) -> None:
@@ -145,6 +180,9 @@ class Engine:
         pending = iter(sequences)
         self.driver.request(Batch())
         self.driver.reset()  # the batch does not use (or keep) the conversation's cache
+        if self._new:  # this engine's index starts empty: so does every rank's store
+            self._control(Op.DROP, 0)
+            self._new = False
         batches: dict[int, list[Sequence]] = {mb: [] for mb in range(1, self.microbatches + 1)}
         try:
             for mb, batch in batches.items():  # fill the pipe: one micro-batch per stage
@@ -194,6 +232,8 @@ class Engine:
                         keep.append(row)
                         continue
                     seq.finished = now
+                    if self.prefixes is not None and seq.finish_reason in ("stop", "length"):
+                        self._save(mb, row, seq)
                     on_done(seq)
                 if len(keep) < len(batch):
                     self._control(Op.FILTER, mb, keep)

@@ -257,7 +257,15 @@ def start(opts: Options, comm=None):
     driver = Driver(comm, stage, tokenizer, weight_bytes, opts.prefill_chunk, context,
                     head_share_rows=plan["head_share_rows"], log=log, ring=ring, group=link)
     driver.groups = groups
+    driver.cache_scale = _cache_scale(layer_ranges(plan["split"]), groups)
     return driver
+
+
+def _cache_scale(ranges: list[tuple[int, int]], groups: list[int]) -> float:
+    """Prompt-cache bytes on the busiest rank per byte on rank 0: a rank keeps its layers'
+    share of an entry (a tensor-parallel rank its heads' share), rank 0 measures its own."""
+    per_rank = [(end - start) / n for (start, end), n in zip(ranges, groups)]
+    return max(per_rank) / per_rank[0]
 
 
 def abort_on_error(comm, exc: BaseException, verbose: bool) -> None:

@@ -8,6 +8,7 @@ sees the same sequence and its cache table stays like rank 0's.
 
 from __future__ import annotations
 
+import copy
 import os
 import resource
 import signal
@@ -16,6 +17,7 @@ import sys
 import time
 
 import mlx.core as mx
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from pipeline.exec.head import head_share_part
 from pipeline.model.stage import Stage
@@ -55,17 +57,23 @@ def rank_stats(stage: Stage, ring, weight_bytes: int) -> dict:
 class CacheTable:
     """A rank's KV caches by id: 0 is the conversation (REPL, one-shot); other ids are batch
     micro-batches and sequences being prefilled before they join one. Every rank applies the
-    same control messages in the same (ring) order, so the tables stay alike."""
+    same control messages in the same (ring) order, so the tables stay alike.
+
+    `store` holds the prefix cache's entries (exec/prefix.py): this rank's share of the caches
+    of a finished sequence, by entry id. It outlives a request (END clears only `batches`);
+    rank 0's PrefixIndex says which entries exist."""
 
     def __init__(self, stage: Stage):
         self.stage, self.batches = stage, {}
+        self.store: dict[int, list] = {}
 
     def get(self, mb: int) -> list | None:
         return None if mb == 0 else self.batches[mb]
 
     def apply(self, msg: Message) -> None:
         if msg.op == Op.OPEN:
-            self.batches[msg.mb] = self.stage.make_caches()
+            self.batches[msg.mb] = (self._copy(*msg.payload) if msg.payload
+                                    else self.stage.make_caches())
         elif msg.op == Op.JOIN:
             parts = [self.batches.pop(i) for i in msg.payload]
             # mlx-lm's caches merge into their batch kind (KVCache -> BatchKVCache, ...)
@@ -84,6 +92,28 @@ class CacheTable:
                 del self.batches[msg.mb]
         elif msg.op == Op.TRIM:  # the conversation's rejected proposals (exec/draft.py)
             self.stage.trim_to(self.stage.offset - msg.payload[0])
+        elif msg.op == Op.SAVE:
+            entry, row = msg.payload
+            # one sequence's caches out of the batch's (BatchKVCache -> KVCache, ...)
+            saved = [cache.extract(row) for cache in self.batches[msg.mb]]
+            mx.eval([c.state for c in saved])  # its own buffers, not views of the batch's
+            self.store[entry] = saved
+        elif msg.op == Op.DROP:
+            for entry in msg.payload or list(self.store):
+                del self.store[entry]
+
+    def _copy(self, entry: int, keep: int, length: int) -> list:
+        """Caches for a new sequence: entry `entry` (`length` tokens), cut to `keep` tokens."""
+        caches = copy.deepcopy(self.store[entry])  # the entry stays as it is for the next one
+        if keep < length:
+            if not can_trim_prompt_cache(caches):  # rank 0 asked for what cannot be: say so
+                raise RuntimeError(f"prefix-cache entry {entry} cannot be cut from {length} "
+                                   f"to {keep} tokens on layers {self.stage.layer_range}")
+            trim_prompt_cache(caches, length - keep)
+        return caches
+
+    def entry_bytes(self, entry: int) -> int:
+        return sum(c.nbytes for c in self.store[entry])
 
     def clear(self) -> None:
         self.batches.clear()

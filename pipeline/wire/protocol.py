@@ -12,7 +12,7 @@ Two kinds of traffic, on separate MPI tags:
   handles on to the group's other ranks (TAG_GROUP), encoded the same way; stage 0's leader
   sends the tokens it embeds (`Message.tokens`) and the rows its head projects (Op.HEAD).
 
-Every rank applies the control ops (OPEN, JOIN, FILTER, TRIM, END) in the order they travel the
+Every rank applies the control ops (OPEN, JOIN, FILTER, TRIM, SAVE, DROP, END) in the order they travel the
 ring, so the cache tables of all ranks stay alike without any other synchronization.
 """
 
@@ -30,13 +30,18 @@ TAG_RING, TAG_REQ, TAG_STATS, TAG_GROUP = 11, 12, 13, 14
 class Op(IntEnum):
     FORWARD = 1  # activation of micro-batch `mb`: run the stage's layers on it
     END = 2  # the current request is over: every rank drops its batch caches
-    OPEN = 3  # new empty caches for id `mb` (a sequence about to be prefilled)
+    OPEN = 3  # new caches for id `mb` (a sequence about to be prefilled): empty, or with a
+    #           payload [entry, keep, length] a copy of prefix-cache entry `entry` (which
+    #           holds `length` tokens) cut back to its first `keep`
     JOIN = 4  # merge the caches of the ids in the payload into micro-batch `mb`
     FILTER = 5  # keep only the rows in the payload of micro-batch `mb` (empty: drop it)
     TRIM = 6  # drop the last payload[0] positions of the conversation's caches (mb 0): the
     #           proposals a speculative pass rejected
     HEAD = 7  # within stage 0's tensor-parallel group only (TAG_GROUP): compute your part of
     #           the vocabulary-parallel head for the normed rows h: [B, 1, D]
+    SAVE = 8  # keep row payload[1] of micro-batch `mb`'s caches as prefix-cache entry
+    #           payload[0] (a finished sequence: prompt and answer)
+    DROP = 9  # forget the prefix-cache entries in the payload (empty payload: every entry)
 
 
 class Flag(IntFlag):
@@ -81,7 +86,8 @@ class Message:
     mb: int = 0  # micro-batch (or prefilling sequence) id; 0 is the conversation
     flags: Flag = Flag.NONE
     h: mx.array | None = None  # FORWARD: activations [B, L, D]; HEAD: normed rows [B, 1, D]
-    payload: list[int] = field(default_factory=list)  # JOIN: ids; FILTER: rows; TRIM: [n]
+    payload: list[int] = field(default_factory=list)  # JOIN: ids; FILTER: rows; TRIM: [n];
+    #                                                   OPEN, SAVE, DROP: see Op
     head_rows: int = 0  # HEAD/LOGITS: vocabulary rows [0, head_rows) the last stage computes
     busy_us: int = 0  # on the way back: the last stage's compute time for this step
     part: object = None  # the last stage's head share: HEAD float64 [B, cols], LOGITS [B, C]
