@@ -34,7 +34,8 @@ from pipeline.exec.sampling import DEFAULT_MAX_TOKENS, SamplingParams  # noqa: E
 from pipeline.flags import (  # noqa: E402
     CHAT, DEQUANTIZE, DISTRIBUTE, DRAFT_EXACT, DRAFT_MODEL, DTYPE, HOSTFILE, IGNORE_EOS,
     MAX_CONTEXT, MAX_TOKENS, MEMORY_FRACTION, MIN_P, MODEL, NUM_DRAFT_TOKENS, PREFILL_CHUNK,
-    OPTIMIZE, PROMPT_LOOKUP, SEED, SHARE_HEAD, SPLIT, SYSTEM, TEMP, TOP_P, TP, VERBOSE,
+    OPTIMIZE, PROMPT_CACHE_BYTES, PROMPT_LOOKUP, SEED, SHARE_HEAD, SPLIT, SYSTEM, TEMP, TOP_P, TP,
+    VERBOSE,
 )
 from pipeline.model.load import DTYPE_NAMES  # noqa: E402
 from pipeline.serve.server import (  # noqa: E402
@@ -105,6 +106,15 @@ def _run(opts, body) -> None:
     driver.shutdown()
 
 
+def _bytes(text: str, flag: str) -> int:
+    from pipeline.place.hostfile import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        _fail(f"{flag}: {e}")
+
+
 def _options(*args, **kwargs):
     """The job's options from the flags (exec/job.py checks them: every rank stops alike)."""
     from pipeline.exec.job import checked_options
@@ -169,7 +179,7 @@ def batch_cmd(
     hostfile: Optional[str] = HOSTFILE, max_context: Optional[int] = MAX_CONTEXT,
     memory_fraction: float = MEMORY_FRACTION, distribute: Optional[bool] = DISTRIBUTE,
     share_head: bool = SHARE_HEAD, tp: Optional[int] = TP, optimize: Optional[str] = OPTIMIZE,
-    verbose: bool = VERBOSE,
+    prompt_cache_bytes: str = PROMPT_CACHE_BYTES, verbose: bool = VERBOSE,
 ):
     """Run a file of prompts with micro-batched pipelining; results stream into OUT."""
     from pipeline.commands.batch import (BatchFileError, Defaults, check_output, run_batch,
@@ -183,6 +193,7 @@ def batch_cmd(
                     sequences=at_once)
     if concurrency < 1:
         _fail("--concurrency must be at least 1")
+    cache_bytes = _bytes(prompt_cache_bytes, "--prompt-cache-bytes")
     try:
         if not prompts.is_file():
             raise BatchFileError(f"prompts file {prompts} does not exist")
@@ -191,7 +202,8 @@ def batch_cmd(
         _fail(str(e))
     defaults = Defaults(sampling, system, chat)
     status = []  # rank 0's exit code, given once every rank has shut down
-    _run(opts, lambda d: status.append(run_batch(d, prompts, out, defaults, concurrency)))
+    _run(opts, lambda d: status.append(run_batch(d, prompts, out, defaults, concurrency,
+                                                   prompt_cache_bytes=cache_bytes)))
     if status and status[0]:
         raise typer.Exit(status[0])
 
@@ -294,6 +306,7 @@ def serve_cmd(
     max_context: Optional[int] = MAX_CONTEXT, memory_fraction: float = MEMORY_FRACTION,
     distribute: Optional[bool] = DISTRIBUTE, share_head: bool = SHARE_HEAD,
     tp: Optional[int] = TP, optimize: Optional[str] = OPTIMIZE,
+    prompt_cache_bytes: str = PROMPT_CACHE_BYTES,
     prompt_lookup: bool = PROMPT_LOOKUP, num_draft_tokens: int = NUM_DRAFT_TOKENS,
     draft_model: Optional[str] = DRAFT_MODEL, draft_exact: bool = DRAFT_EXACT,
     verbose: bool = VERBOSE,
@@ -309,6 +322,7 @@ def serve_cmd(
         _fail("--concurrency must be at least 1 and --max-queue at least 0")
     if not 0 <= port <= 65535:
         _fail(f"--port {port} is outside 0-65535")
+    cache_bytes = _bytes(prompt_cache_bytes, "--prompt-cache-bytes")
     sock = None
     if _rank() == 0:  # claim the port now; a taken one ends every rank before the model loads
         try:
@@ -324,7 +338,7 @@ def serve_cmd(
             set_drafting(driver, prompt_lookup, num_draft_tokens, draft_model, opts,
                          draft_exact)
         run_serve(driver, sock, model_name(model), concurrency, max_queue, max_tokens, verbose,
-                  api_key)
+                  api_key, prompt_cache_bytes=cache_bytes)
 
     _run(opts, body)
 

@@ -4,6 +4,7 @@ import typer
 
 from pipeline.exec.draft import DEFAULT_NUM_DRAFT_TOKENS
 from pipeline.exec.driver import DEFAULT_PREFILL_CHUNK
+from pipeline.exec.prefix import DEFAULT_PROMPT_CACHE_BYTES
 from pipeline.exec.sampling import DEFAULT_MAX_TOKENS
 
 
@@ -66,6 +67,11 @@ SHARE_HEAD = typer.Option(True, "--share-head/--no-share-head",
 TP = typer.Option(None, "--tp", help="Ranks per stage, splitting each of its layers (tensor "
                   "parallel, all-reduces inside the MLX graph); 1: a pure pipeline "
                   "[default: the planner chooses per link, see `plan`].")
+PROMPT_CACHE_BYTES = typer.Option(
+    f"{DEFAULT_PROMPT_CACHE_BYTES // 2**30}G", "--prompt-cache-bytes",
+    help="Memory each rank may keep for the prompt cache: the KV caches of finished "
+    "sequences (prompt and answer), reused by any later prompt that starts with the same "
+    "tokens, least recently used dropped first; e.g. 512M, 4G; 0 turns it off.")
 OPTIMIZE = typer.Option(None, "--optimize", help="What the placement optimizes: chat (one "
                         "sequence's token time) or throughput (many sequences at once) "
                         "[default: chat for the REPL and one-shot, throughput for batch, serve "

@@ -277,6 +277,32 @@ def test_eight_concurrent_clients_all_correct(server, oracle):
     assert server.stats()["requests"]["served"] == served + len(prompts)
 
 
+def test_the_next_turn_comes_from_the_prompt_cache(server, oracle):
+    """A conversation's second turn starts with the first turn's prompt and answer: the prompt
+    cache (on by default) gives those tokens, usage and /stats say so, and the answer is still
+    the oracle's, token for token."""
+    from pipeline.model.prompt import encode as encode_messages
+
+    server.wait_idle()
+    client, before = server.client(), server.stats()["prompt_cache"]
+    messages = [{"role": "user", "content": "Tell me a story about a fox and a dog"}]
+    params = {"model": server.model.name, "max_tokens": 10, "temperature": 0}
+    first = client.chat.completions.create(messages=messages, **params)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And then?"}]
+    second = client.chat.completions.create(messages=messages, **params)
+    first_ids = encode_messages(oracle.tokenizer, messages[:1], True)
+    ids = encode_messages(oracle.tokenizer, messages, True)
+    assert ids[:len(first_ids)] == first_ids  # the template renders turn 1 the same way
+    assert second.choices[0].message.content == oracle(ids, 10)[0]
+    assert second.usage.prompt_tokens == len(ids)
+    assert len(first_ids) <= second.usage.prompt_tokens_details.cached_tokens < len(ids)
+    after = server.stats()["prompt_cache"]
+    assert after["hits"] > before["hits"] and after["entries"] >= 1
+    assert 0 < after["bytes"] <= after["budget_bytes"]
+    assert after["cached_tokens"] >= before["cached_tokens"] + len(first_ids)
+
+
 def test_stop_strings_and_seeded_sampling(server, oracle):
     text, _ = oracle(encode(oracle.tokenizer, PROMPT, False), 24)
     stop = text[6:9]

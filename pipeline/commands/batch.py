@@ -157,7 +157,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def run_batch(driver: Driver, prompts: Path, out: Path, defaults: Defaults, concurrency: int,
-              progress: bool = True) -> int:
+              progress: bool = True, prompt_cache_bytes: int = 0) -> int:
     """Run every prompt not yet in OUT. Returns the exit code: 0 when every line is done,
     EXIT_INTERRUPTED after Ctrl-C or SIGTERM (the rest is left for a rerun), EXIT_SKIPPED when
     malformed lines were skipped (the others are done)."""
@@ -179,7 +179,7 @@ def run_batch(driver: Driver, prompts: Path, out: Path, defaults: Defaults, conc
     if skipped and len(finished):
         print(f"pipeline: resuming: {len(finished)} results already in {out}", file=sys.stderr)
 
-    engine = Engine(driver, concurrency)
+    engine = Engine(driver, concurrency, prompt_cache_bytes=prompt_cache_bytes)
     start, generated, ttfts, done = time.perf_counter(), 0, [], 0
     f = open(out, "a", encoding="utf-8")
 
@@ -190,7 +190,8 @@ def run_batch(driver: Driver, prompts: Path, out: Path, defaults: Defaults, conc
         result = {
             "id": seq.id, "prompt": seq.extra["prompt"],
             "completion": tokenizer.decode(tokens), "finish_reason": seq.finish_reason,
-            "prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.tokens),
+            "prompt_tokens": len(seq.prompt), "cached_tokens": seq.cached_tokens,
+            "completion_tokens": len(seq.tokens),
             "completion_ids": seq.tokens,  # every generated id, a final EOS included
             "ttft_s": round(seq.first_token - seq.started, 4),
             "tokens_per_s": round((len(seq.tokens) - 1) / decode_s, 2) if decode_s > 0 else 0.0,

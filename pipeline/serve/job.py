@@ -121,7 +121,7 @@ class Job:
         self.release()
 
     def usage(self) -> dict:
-        return render.usage(len(self.req.prompt), self.tokens)
+        return render.usage(len(self.req.prompt), self.tokens, self.seq.cached_tokens)
 
     def cached_tokens(self) -> int:
         """Prompt tokens whose keys and values came from the prefix cache (0 without one)."""

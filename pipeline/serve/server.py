@@ -100,6 +100,7 @@ class Server:
         self.engine_done = self.engine_tokens = 0  # main thread: sequences ended, tokens made
         self.passes = self.drafted = self.accepted = 0  # main thread: --concurrency 1 drafting
         self.last: dict | None = None
+        self.prefixes = None  # the engine's prompt-cache index (exec/prefix.py), if on
         self.ranks: list[dict] = []
         self.ranks_at = 0.0
         self.started = time.time()
@@ -133,7 +134,8 @@ class Server:
         first = seq.first_token or end
         decode_s = (seq.finished or end) - first
         self.last = {
-            "prompt_tokens": len(seq.prompt), "completion_tokens": job.tokens,
+            "prompt_tokens": len(seq.prompt), "cached_tokens": seq.cached_tokens,
+            "completion_tokens": job.tokens,
             "finish_reason": job.finish_reason,
             "ttft_s": round(first - job.arrived, 4),
             "tokens_per_s": round((job.tokens - 1) / decode_s, 2) if decode_s > 0 else 0.0,
@@ -150,6 +152,7 @@ class Server:
             "tokens_generated": self.generated, "engine_tokens": self.engine_tokens,
             "speculative": {"passes": self.passes, "drafted": self.drafted,
                             "accepted": self.accepted},
+            "prompt_cache": self.prefixes.stats() if self.prefixes is not None else None,
             "last_request": self.last,
             "ranks": self.ranks, "ranks_age_s": round(time.time() - self.ranks_at, 1),
         }
@@ -188,6 +191,7 @@ class Server:
                 if seq.cancelled or stopping.is_set():
                     driver.interrupted = True
             stats = driver.last_stats
+            seq.cached_tokens = stats.cached_tokens  # the conversation's cache, kept from before
             seq.finish_reason = ("cancelled" if seq.cancelled else
                                  "interrupted" if stopping.is_set() else stats.finish_reason)
             self.passes += stats.passes
@@ -280,13 +284,16 @@ def _url(sock: socket.socket) -> tuple[str, bool]:
 
 
 def run_serve(driver: Driver, sock: socket.socket, model: str, concurrency: int, max_queue: int,
-              max_tokens: int, verbose: bool = False, api_key: str | None = None) -> None:
+              max_tokens: int, verbose: bool = False, api_key: str | None = None,
+              prompt_cache_bytes: int = 0) -> None:
     """Serve until SIGINT/SIGTERM (or launch/mpirun's SIGUSR1); then every rank ends cleanly.
-    With `api_key`, every request but the page's files and /health needs it."""
+    With `api_key`, every request but the page's files and /health needs it; with
+    `prompt_cache_bytes`, the engine keeps a prompt cache of that size (exec/prefix.py)."""
     from pipeline.serve.http import make_app
 
     server = Server(driver, model, concurrency, max_queue, max_tokens)
-    engine = Engine(driver, concurrency)
+    engine = Engine(driver, concurrency, prompt_cache_bytes=prompt_cache_bytes)
+    server.prefixes = engine.prefixes
     http = HttpThread(make_app(server, api_key), sock, server, verbose)
     server.refresh_ranks(driver)
     stop = threading.Event()
