@@ -117,13 +117,14 @@ def test_a_cache_hit_gives_the_oracle_tokens_and_prefills_only_the_rest(model_di
     (first,) = _run(engine, [SHARED + [60, 61]], 5)
     assert first.cached_tokens == 0 and first.tokens == reference_tokens(path, first.prompt, 5)
     _stores_match(net, engine)
-    # the next turn of that conversation, and another that shares the first 8 tokens
-    turn2 = first.prompt + first.tokens + [44, 45, 46]
+    # a prompt that shares the first 8 tokens (its copy of the entry is cut back and written
+    # over from there on), then the conversation's next turn, from the same entry whole
     other = SHARED[:8] + [70, 71, 72]
-    seqs = _run(engine, [turn2, other], 4)
+    turn2 = first.prompt + first.tokens + [44, 45, 46]
+    seqs = _run(engine, [other, turn2], 4)
     for seq in seqs:
         assert seq.tokens == reference_tokens(path, seq.prompt, 4), seq.id
-    assert [s.cached_tokens for s in seqs] == [len(first.prompt) + 4, 8]
+    assert [s.cached_tokens for s in seqs] == [8, len(first.prompt) + 4]
     sids = sorted(engine.prefilled)
     assert [engine.prefilled[sid] for sid in sids] == [
         len(s.prompt) - 1 - s.cached_tokens for s in seqs]

@@ -17,6 +17,7 @@ import sys
 import time
 
 import mlx.core as mx
+from mlx.utils import tree_map
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from pipeline.exec.head import head_share_part
@@ -52,6 +53,17 @@ def rank_stats(stage: Stage, ring, weight_bytes: int) -> dict:
         "compute_s": round(stage.compute_s, 4),  # rank 0: its layers, the head and sampling
         "wait_s": round(ring.wait_s, 4) if ring else 0.0,
     }
+
+
+def _own_buffers(cache) -> None:
+    """Give a cache extracted from a batch its own arrays: a view (ArraysCache.extract slices
+    rows) would keep the whole batch's buffers alive in the prompt cache."""
+    if hasattr(cache, "caches"):  # CacheList: its parts (its state setter rebuilds them)
+        for part in cache.caches:
+            _own_buffers(part)
+        return
+    cache.state = tree_map(lambda a: mx.contiguous(a) if isinstance(a, mx.array) else a,
+                           cache.state)
 
 
 class CacheTable:
@@ -96,7 +108,9 @@ class CacheTable:
             entry, row = msg.payload
             # one sequence's caches out of the batch's (BatchKVCache -> KVCache, ...)
             saved = [cache.extract(row) for cache in self.batches[msg.mb]]
-            mx.eval([c.state for c in saved])  # its own buffers, not views of the batch's
+            for cache in saved:
+                _own_buffers(cache)
+            mx.eval([c.state for c in saved])
             self.store[entry] = saved
         elif msg.op == Op.DROP:
             for entry in msg.payload or list(self.store):
