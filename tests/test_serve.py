@@ -568,6 +568,8 @@ def test_ctrl_c_mid_stream_ends_every_rank(server):
 def test_serve_flag_and_port_errors(model_dir):
     proc = run_pipeline(0, "serve", "--max-queue", "-1", timeout=60)
     assert proc.returncode == 2 and "pipeline: error: --concurrency" in proc.stderr
+    proc = run_pipeline(0, "serve", "--prompt-cache-bytes", "lots", timeout=60)
+    assert proc.returncode == 2 and "pipeline: error: --prompt-cache-bytes: 'lots'" in proc.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
