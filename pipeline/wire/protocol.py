@@ -12,8 +12,9 @@ Two kinds of traffic, on separate MPI tags:
   handles on to the group's other ranks (TAG_GROUP), encoded the same way; stage 0's leader
   sends the tokens it embeds (`Message.tokens`) and the rows its head projects (Op.HEAD).
 
-Every rank applies the control ops (OPEN, JOIN, FILTER, TRIM, SAVE, DROP, END) in the order they travel the
-ring, so the cache tables of all ranks stay alike without any other synchronization.
+Every rank applies the control ops (OPEN, JOIN, FILTER, TRIM, SAVE, DROP, END) in the order
+they travel the ring, so the cache tables of all ranks (prompt-cache entries included) stay
+alike without any other synchronization.
 """
 
 from __future__ import annotations
