@@ -297,6 +297,14 @@ def test_the_next_turn_comes_from_the_prompt_cache(server, oracle):
     assert second.choices[0].message.content == oracle(ids, 10)[0]
     assert second.usage.prompt_tokens == len(ids)
     assert len(first_ids) <= second.usage.prompt_tokens_details.cached_tokens < len(ids)
+    # the same conversation through Anthropic's Messages API: its answer's tokens are cached too
+    status, third = server.request("POST", "/v1/messages", {
+        "model": server.model.name, "max_tokens": 10, "temperature": 0, "messages": messages})
+    assert status == 200, third
+    assert "".join(b["text"] for b in third["content"]) == oracle(ids, 10)[0]
+    usage = third["usage"]
+    assert usage["input_tokens"] + usage["cache_read_input_tokens"] == len(ids)
+    assert usage["cache_read_input_tokens"] == len(ids) - 1  # all but the last prompt token
     after = server.stats()["prompt_cache"]
     assert after["hits"] > before["hits"] and after["entries"] >= 1
     assert 0 < after["bytes"] <= after["budget_bytes"]

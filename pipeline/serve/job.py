@@ -121,11 +121,11 @@ class Job:
         self.release()
 
     def usage(self) -> dict:
-        return render.usage(len(self.req.prompt), self.tokens, self.seq.cached_tokens)
+        return render.usage(len(self.req.prompt), self.tokens, self.cached_tokens())
 
     def cached_tokens(self) -> int:
         """Prompt tokens whose keys and values came from the prefix cache (0 without one)."""
-        return getattr(self.seq, "cached_tokens", 0)
+        return self.seq.cached_tokens
 
     def release(self) -> None:
         """Free the slot (idempotent); unless finished, the engine drops the sequence."""
