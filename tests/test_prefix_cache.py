@@ -166,3 +166,18 @@ def test_caches_that_cannot_be_cut_reuse_only_exact_snapshots(model_dir, arch):
         assert seq.tokens == reference_tokens(path, seq.prompt, 4), seq.id
     assert [s.cached_tokens for s in seqs] == [len(SHARED) + 3, 0]
     _stores_match(net, engine)
+
+
+def test_a_shared_preamble_is_prefilled_once(model_dir):
+    """Sequences admitted together: the first one's prompt is kept as soon as it is prefilled,
+    so the next ones copy the preamble they share with it instead of prefilling it."""
+    path = model_dir("tiny-llama")
+    net = LocalNet(path, [3, 4])
+    engine = _engine(net)
+    preamble = SHARED + [33, 34, 35]
+    seqs = _run(engine, [preamble + [1, 2], preamble + [7], preamble + [8, 9, 10]], 3)
+    for seq in seqs:
+        assert seq.tokens == reference_tokens(path, seq.prompt, 3), seq.id
+    assert [s.cached_tokens for s in seqs] == [0, len(preamble), len(preamble)]
+    assert sum(engine.prefilled.values()) == len(preamble) + 1 + 0 + 2
+    _stores_match(net, engine)

@@ -11,7 +11,8 @@ With a prompt cache (prompt_cache_bytes > 0) a new sequence starts from the long
 prefix of its prompt (prefix.py decides, every rank copies its share of the entry: Op.OPEN
 with a payload) and prefills only the rest; a finished one leaves its caches, prompt and
 answer, as an entry (Op.SAVE) for a later prompt that starts the same way, such as the next
-turn of its conversation.
+turn of its conversation; a prefilled prompt is kept at once too, for the sequences admitted
+after it (an entry that a longer one extends is dropped, see prefix.py).
 """
 
 from __future__ import annotations
@@ -148,6 +149,10 @@ class Engine:
                 self._control(Op.OPEN, sid, [entry.id, keep, len(entry)])
             seq.cached_tokens = keep
             self.driver.prefill(seq.prompt[keep:-1], self.table.get(sid), sid)
+            if self.prefixes is not None and len(seq.prompt) - 1 > keep:
+                # its prompt at once, for the next ones that start alike (a shared system
+                # prompt, a batch file's preamble): they need not wait for it to finish
+                self._save(sid, None, seq.prompt[:-1])
             joining.append((sid, seq, entry))
         if joining:
             self._control(Op.JOIN, mb, [sid for sid, _, _ in joining])
@@ -156,14 +161,13 @@ class Engine:
                 if entry is not None:
                     self.prefixes.unpin(entry.id)
 
-    def _save(self, mb: int, row: int, seq: Sequence) -> None:
-        """Keep a finished sequence's caches (row `row` of micro-batch `mb`) as an entry: they
-        hold its prompt and its answer but the last token (sampled, never fed back)."""
-        tokens = seq.prompt + seq.tokens[:-1]
+    def _save(self, mb: int, row: int | None, tokens: list[int]) -> None:
+        """Keep the caches of `tokens` as an entry: row `row` of micro-batch `mb`, or (None) a
+        sequence `mb` just prefilled."""
         if self.prefixes.covered(tokens):
             return
         entry = self.prefixes.new_id()
-        self._control(Op.SAVE, mb, [entry, row])
+        self._control(Op.SAVE, mb, [entry] if row is None else [entry, row])
         nbytes = int(self.table.entry_bytes(entry) * self.driver.cache_scale)
         drop = self.prefixes.add(entry, tokens, nbytes)
         if drop:
@@ -233,7 +237,8 @@ class Engine:
                         continue
                     seq.finished = now
                     if self.prefixes is not None and seq.finish_reason in ("stop", "length"):
-                        self._save(mb, row, seq)
+                        # prompt and answer but its last token (sampled, never fed back)
+                        self._save(mb, row, seq.prompt + seq.tokens[:-1])
                     on_done(seq)
                 if len(keep) < len(batch):
                     self._control(Op.FILTER, mb, keep)

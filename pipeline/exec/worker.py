@@ -105,9 +105,12 @@ class CacheTable:
         elif msg.op == Op.TRIM:  # the conversation's rejected proposals (exec/draft.py)
             self.stage.trim_to(self.stage.offset - msg.payload[0])
         elif msg.op == Op.SAVE:
-            entry, row = msg.payload
+            entry, row = msg.payload[0], msg.payload[1:]
+            caches = self.batches[msg.mb]
+            if not row:  # a sequence being prefilled: through a batch of one, exact in size
+                caches, row = [c.merge([c]) for c in caches], [0]
             # one sequence's caches out of the batch's (BatchKVCache -> KVCache, ...)
-            saved = [cache.extract(row) for cache in self.batches[msg.mb]]
+            saved = [cache.extract(row[0]) for cache in caches]
             for cache in saved:
                 _own_buffers(cache)
             mx.eval([c.state for c in saved])

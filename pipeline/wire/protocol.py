@@ -41,7 +41,8 @@ class Op(IntEnum):
     HEAD = 7  # within stage 0's tensor-parallel group only (TAG_GROUP): compute your part of
     #           the vocabulary-parallel head for the normed rows h: [B, 1, D]
     SAVE = 8  # keep row payload[1] of micro-batch `mb`'s caches as prefix-cache entry
-    #           payload[0] (a finished sequence: prompt and answer)
+    #           payload[0] (a finished sequence: prompt and answer); without payload[1], the
+    #           caches of sequence `mb` being prefilled (its prompt)
     DROP = 9  # forget the prefix-cache entries in the payload (empty payload: every entry)
 
 
