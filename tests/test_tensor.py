@@ -116,9 +116,12 @@ def test_micro_batches_through_tensor_parallel_stages(model_dir, tmp_path, np_, 
 
     model = model_dir("tiny-qwen3-moe")
     n = 10
+    # the last line starts with p1's prompt: each rank of a group copies its heads' share of
+    # the prompt cache's entry
+    prompts = BATCH_PROMPTS + [BATCH_PROMPTS[1] + " and again"]
     (tmp_path / "in.jsonl").write_text("".join(
         json.dumps({"id": f"p{i}", "prompt": p, "max_tokens": n}) + "\n"
-        for i, p in enumerate(BATCH_PROMPTS)))
+        for i, p in enumerate(prompts)))
     out = tmp_path / "out.jsonl"
     proc = run_pipeline(np_, "batch", str(tmp_path / "in.jsonl"), "-o", str(out), "--model",
                         str(model), "--no-chat", "--ignore-eos", "--concurrency", "3",
@@ -129,11 +132,12 @@ def test_micro_batches_through_tensor_parallel_stages(model_dir, tmp_path, np_, 
     from mlx_lm import load
 
     _, tokenizer = load(str(model))
-    for i, prompt in enumerate(BATCH_PROMPTS):
+    for i, prompt in enumerate(prompts):
         ids = mlx_lm_prompt_ids(tokenizer, prompt, False, None)
         expected, ref = reference(model, ids, n)
         same = next((k for k, m in enumerate(margins(ref)) if m <= 2 * tolerance(ref)[k]), n)
         assert results[f"p{i}"]["completion_ids"][:same] == expected[:same], prompt
+    assert results[f"p{len(BATCH_PROMPTS)}"]["cached_tokens"] >= 8
 
 
 def test_repl_turns_reuse_the_cache_on_every_rank_of_a_group(model_dir):
