@@ -12,6 +12,7 @@ from conftest import reference_tokens
 from pipeline.exec.engine import Engine, Sequence
 from pipeline.exec.prefix import PrefixIndex
 from pipeline.exec.sampling import SamplingParams
+from pipeline.wire.protocol import Op
 from test_engine import LocalNet, _driver
 
 
@@ -180,4 +181,13 @@ def test_a_shared_preamble_is_prefilled_once(model_dir):
         assert seq.tokens == reference_tokens(path, seq.prompt, 3), seq.id
     assert [s.cached_tokens for s in seqs] == [0, len(preamble), len(preamble)]
     assert sum(engine.prefilled.values()) == len(preamble) + 1 + 0 + 2
+    _stores_match(net, engine)
+
+
+def test_an_entry_larger_than_the_budget_is_not_even_copied(model_dir):
+    net = LocalNet(model_dir("tiny-llama"), [3, 4])
+    engine = _engine(net, budget=1024)  # less than one token's keys and values on 3 layers
+    _run(engine, [SHARED, SHARED + [1]], 3)
+    assert not any(e[1] == Op.SAVE for e in net.log)
+    assert not engine.prefixes.entries and engine.prefixes.misses == 2
     _stores_match(net, engine)

@@ -30,7 +30,7 @@ from pipeline.exec.prefix import PrefixIndex
 from pipeline.exec.head import (HeadSplit, SummaryCounts, combine_tops, greedy_rows, part_lse,
                                 part_summary)
 from pipeline.exec.sampling import Sampler, SamplingParams, logprobs_of, top_logprobs
-from pipeline.exec.worker import CacheTable
+from pipeline.exec.worker import CacheTable, used_bytes
 from pipeline.model.shell import UnsupportedModel
 from pipeline.wire.protocol import Batch, Flag, Message, Op
 
@@ -90,6 +90,7 @@ class Engine:
         self.prefixes = (PrefixIndex(prompt_cache_bytes, self.stage.can_keep)
                          if prompt_cache_bytes > 0 else None)
         self._new = True  # no run yet: other ranks may still hold an earlier engine's entries
+        self._oversized: set[int] = set()  # id() of running sequences too big to keep
 
     # -- messages, applied here and sent down the ring in the same order ----------------
     def _control(self, op: Op, mb: int, payload: list[int] | None = None) -> None:
@@ -151,8 +152,14 @@ class Engine:
             self.driver.prefill(seq.prompt[keep:-1], self.table.get(sid), sid)
             if self.prefixes is not None and len(seq.prompt) - 1 > keep:
                 # its prompt at once, for the next ones that start alike (a shared system
-                # prompt, a batch file's preamble): they need not wait for it to finish
-                self._save(sid, None, seq.prompt[:-1])
+                # prompt, a batch file's preamble): they need not wait for it to finish. Not
+                # one that rank 0's caches say cannot fit (every rank would copy it only to
+                # drop it), nor then its prompt and answer.
+                size = sum(map(used_bytes, self.table.get(sid))) * self.driver.cache_scale
+                if size > self.prefixes.budget:
+                    self._oversized.add(id(seq))
+                else:
+                    self._save(sid, None, seq.prompt[:-1])
             joining.append((sid, seq, entry))
         if joining:
             self._control(Op.JOIN, mb, [sid for sid, _, _ in joining])
@@ -163,7 +170,7 @@ class Engine:
 
     def _save(self, mb: int, row: int | None, tokens: list[int]) -> None:
         """Keep the caches of `tokens` as an entry: row `row` of micro-batch `mb`, or (None) a
-        sequence `mb` just prefilled."""
+        sequence `mb` just prefilled. Not when an entry holds them already."""
         if self.prefixes.covered(tokens):
             return
         entry = self.prefixes.new_id()
@@ -236,9 +243,11 @@ class Engine:
                         keep.append(row)
                         continue
                     seq.finished = now
-                    if self.prefixes is not None and seq.finish_reason in ("stop", "length"):
+                    if self.prefixes is not None and seq.finish_reason in ("stop", "length") and (
+                            id(seq) not in self._oversized):
                         # prompt and answer but its last token (sampled, never fed back)
                         self._save(mb, row, seq.prompt + seq.tokens[:-1])
+                    self._oversized.discard(id(seq))
                     on_done(seq)
                 if len(keep) < len(batch):
                     self._control(Op.FILTER, mb, keep)

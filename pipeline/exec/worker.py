@@ -66,6 +66,17 @@ def _own_buffers(cache) -> None:
                            cache.state)
 
 
+def used_bytes(cache) -> int:
+    """A cache's bytes without the unused tail of its allocation (a KVCache grows 256 tokens
+    at a time): about what an entry saved from it takes."""
+    if hasattr(cache, "caches"):  # CacheList
+        return sum(used_bytes(part) for part in cache.caches)
+    keys, offset = getattr(cache, "keys", None), getattr(cache, "offset", None)
+    if isinstance(keys, mx.array) and isinstance(offset, int) and keys.shape[2]:
+        return cache.nbytes * min(offset, keys.shape[2]) // keys.shape[2]
+    return cache.nbytes
+
+
 class CacheTable:
     """A rank's KV caches by id: 0 is the conversation (REPL, one-shot); other ids are batch
     micro-batches and sequences being prefilled before they join one. Every rank applies the
