@@ -151,15 +151,7 @@ class Engine:
             seq.cached_tokens = keep
             self.driver.prefill(seq.prompt[keep:-1], self.table.get(sid), sid)
             if self.prefixes is not None and len(seq.prompt) - 1 > keep:
-                # its prompt at once, for the next ones that start alike (a shared system
-                # prompt, a batch file's preamble): they need not wait for it to finish. Not
-                # one that rank 0's caches say cannot fit (every rank would copy it only to
-                # drop it), nor then its prompt and answer.
-                size = sum(map(used_bytes, self.table.get(sid))) * self.driver.cache_scale
-                if size > self.prefixes.budget:
-                    self._oversized.add(id(seq))
-                else:
-                    self._save(sid, None, seq.prompt[:-1])
+                self._keep_prompt(sid, seq)
             joining.append((sid, seq, entry))
         if joining:
             self._control(Op.JOIN, mb, [sid for sid, _, _ in joining])
@@ -167,6 +159,17 @@ class Engine:
             for _, _, entry in joining:  # copied into the micro-batch: evictable again
                 if entry is not None:
                     self.prefixes.unpin(entry.id)
+
+    def _keep_prompt(self, sid: int, seq: Sequence) -> None:
+        """Save a just-prefilled prompt at once, for the next ones that start alike (a shared
+        system prompt, a batch file's preamble): they need not wait for it to finish. Not one
+        that rank 0's caches say cannot fit (every rank would copy it only to drop it), nor
+        then its prompt and answer."""
+        size = sum(map(used_bytes, self.table.get(sid))) * self.driver.cache_scale
+        if size > self.prefixes.budget:
+            self._oversized.add(id(seq))
+        else:
+            self._save(sid, None, seq.prompt[:-1])
 
     def _save(self, mb: int, row: int | None, tokens: list[int]) -> None:
         """Keep the caches of `tokens` as an entry: row `row` of micro-batch `mb`, or (None) a
@@ -268,6 +271,7 @@ class Engine:
                     self.split.update(self._step_cut, busy, msg.busy_us * 1e-6, *self._head_cost)
         finally:
             self.table.clear()
+            self._oversized.clear()
             self.driver.send(Message(Op.END))
 
     def _step(self, mb: int, batch: list[Sequence]) -> None:
