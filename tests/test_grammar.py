@@ -144,3 +144,54 @@ def test_a_schema_that_cannot_compile_is_a_400(tok):
             "type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}, tok), tok,
             "response_format")
     assert e.value.status == 400 and e.value.param == "response_format"
+
+
+def only(constraint, tok) -> list[int]:
+    """The tokens the constraint allows next, where it allows a few (else [])."""
+    allowed = constraint.allowed(len(tok.get_vocab())).tolist()
+    ids = [i for i, ok in enumerate(allowed) if ok]
+    return ids if len(ids) < 4 else []
+
+
+def test_a_reasoning_budget_forces_the_end_marker(tok):
+    """thinking budget_tokens: after that many reasoning tokens the end marker is forced; a
+    block that ends in time, or an answer that does not reason, is left alone."""
+    family = family_of(tok)
+    start, end = (tok.encode(m, add_special_tokens=False) for m in family.think)
+    words = ids_of(tok, "one two three four five six")
+    budget = grammar.ThinkBudget(3, family, False, tok)
+    for t in [start[0], *words[:3]]:
+        assert not only(budget, tok)  # free until the budget is spent
+        budget.accept(t)
+    assert only(budget, tok) == end  # then the end marker, only
+    budget.accept(end[0])
+    assert not only(budget, tok) and budget.state == "after" and budget.count == 3
+
+    in_time = grammar.ThinkBudget(5, family, False, tok)  # ended by the model itself
+    for t in [start[0], *words[:2], end[0], *words[2:5]]:
+        assert not only(in_time, tok)
+        in_time.accept(t)
+    assert in_time.state == "after" and in_time.count == 3
+
+    opened = grammar.ThinkBudget(2, family, True, tok)  # the prompt opened the block
+    for t in words[:2]:
+        opened.accept(t)
+    assert only(opened, tok) == end
+
+    plain = grammar.ThinkBudget(1, family, False, tok)  # no reasoning: never forced
+    for t in words[:4]:
+        assert not only(plain, tok)
+        plain.accept(t)
+    assert plain.state == "after"
+
+
+def test_a_reasoning_budget_composes_with_a_forced_call(tok):
+    family = family_of(tok)
+    start, end = (tok.encode(m, add_special_tokens=False) for m in family.think)
+    both = grammar.ThinkBudget(2, family, False, tok, forced(tok, family=family))
+    assert len(ids_of(tok, "Let")) == 2 and walk(both, tok, [start[0], "Let"])
+    assert only(both, tok) == end  # the budget's end marker, which the grammar accepts
+    assert walk(both, tok, [end[0], "\n"])
+    assert not walk(both, tok, "I will check.")  # then the call the grammar forces
+    both = grammar.ThinkBudget(2, family, False, tok, forced(tok, family=family, parallel=False))
+    assert walk(both, tok, [start[0], "Let", end[0], "\n" + CALL]) and eos_only(both, tok)

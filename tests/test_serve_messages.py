@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from scripted import CALLS, TOOLS, scripted_model  # noqa: F401 (a fixture)
+from scripted import CALLS, TOOLS, scripted_agent_model, scripted_model  # noqa: F401 (fixtures)
 from test_serve import API_KEY, start_server, stop_server
 
 REASONING, TEXT = "The user wants the weather.", "I will check both cities."
@@ -113,6 +113,63 @@ def test_a_tool_use_loop_and_count_tokens(server, tok):
         system=[{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1; cch=9"},
                 {"type": "text", "text": SYSTEM}])
     assert billed.input_tokens == len(expected)  # Claude Code's changing line is dropped
+
+
+# tools whose every argument is an enum: a forced call's input is checked against them
+TIGHT_A = [{"name": n, "description": d, "input_schema": {
+    "type": "object", "properties": {k: {"enum": vals}}, "required": [k],
+    "additionalProperties": False}} for n, d, k, vals in (
+        ("get_weather", "The weather in a city now", "city", ["Paris", "Rome"]),
+        ("get_time", "The time in a time zone", "zone", ["CET", "UTC"]))]
+
+
+@pytest.fixture(scope="module")
+def agent_server(scripted_agent_model):
+    """The agent script (tests/scripted.py): after a tool result the answer is "Done."."""
+    served = start_server(scripted_agent_model)
+    yield served
+    stop_server(served)
+
+
+def test_a_forced_tool_use_loop_to_the_answer(agent_server):
+    """tool_choice any: the scripted sentence after the reasoning is refused by the grammar,
+    so a tool_use comes (its input valid for the schema); its tool_result goes back and the
+    model answers (end_turn)."""
+    client = anthropic_client(agent_server)
+    ask_ = [{"role": "user", "content": ASK}]
+    first = client.messages.create(model="m", max_tokens=60, tools=TIGHT_A, messages=ask_,
+                                   tool_choice={"type": "any", "disable_parallel_tool_use": True},
+                                   extra_body={"temperature": 0})
+    assert first.stop_reason == "tool_use"
+    assert [b.type for b in first.content if b.type != "thinking"] == ["tool_use"]
+    (use,) = [b for b in first.content if b.type == "tool_use"]
+    (spec,) = [t["input_schema"] for t in TIGHT_A if t["name"] == use.name]
+    ((key, value),) = use.input.items()
+    assert value in spec["properties"][key]["enum"]
+    history = [*ask_, {"role": "assistant", "content": [b.model_dump() for b in first.content]},
+               {"role": "user", "content": [
+                   {"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]}]
+    answer = client.messages.create(model="m", max_tokens=60, tools=TIGHT_A, messages=history,
+                                    extra_body={"temperature": 0})
+    assert answer.stop_reason == "end_turn"
+    assert [(b.type, b.text) for b in answer.content] == [("text", "Done.")]
+
+
+def test_a_thinking_budget_ends_the_reasoning(server):
+    """thinking.budget_tokens 1: the reasoning's one token, then the end marker is forced
+    where the script would write it in two pieces, and the script's sentence never comes; a
+    budget the reasoning fits in changes nothing."""
+    client = anthropic_client(server)
+    cut = ask(client, thinking={"type": "enabled", "budget_tokens": 1})
+    assert cut.content[0].type == "thinking" and cut.content[0].thinking == REASONING
+    assert TEXT not in "".join(b.text for b in cut.content if b.type == "text")
+    roomy = ask(client, thinking={"type": "enabled", "budget_tokens": 8})
+    assert [b.model_dump(exclude={"id"}) for b in roomy.content] == [
+        b.model_dump(exclude={"id"}) for b in ask(client).content]
+    status, got = server.request("POST", "/v1/messages", {
+        "model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": ASK}],
+        "thinking": {"type": "enabled", "budget_tokens": 0}})
+    assert status == 400 and "budget_tokens" in got["error"]["message"]
 
 
 def test_messages_refusals_are_in_anthropics_shape(server):

@@ -202,6 +202,19 @@ def _thinking(body: dict) -> dict:
     return {"enable_thinking": thinking["type"] != "disabled"}
 
 
+def _budget(body: dict) -> int | None:
+    """thinking.budget_tokens: the most reasoning tokens (enforced: see grammar.ThinkBudget)."""
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict) or thinking.get("type") != "enabled":
+        return None
+    budget = thinking.get("budget_tokens")
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise bad("'thinking.budget_tokens' must be a positive integer", "thinking")
+    return budget
+
+
 def to_chat(body, *, counting: bool = False, notes: list[str] | None = None) -> dict:
     """The chat completions body a Messages body means (raises ApiError 400); `notes` gets
     what the server's log should say once (tools left out)."""
@@ -213,7 +226,8 @@ def to_chat(body, *, counting: bool = False, notes: list[str] | None = None) -> 
     chat = {"model": body.get("model"), "messages": _messages(body),
             "chat_template_kwargs": _thinking(body)}
     for ours, theirs in (("tools", tools), ("tool_choice", choice),
-                         ("parallel_tool_calls", parallel), ("stop", body.get("stop_sequences"))):
+                         ("parallel_tool_calls", parallel), ("stop", body.get("stop_sequences")),
+                         ("thinking_budget", _budget(body))):
         if theirs is not None:
             chat[ours] = theirs
     for name in ("max_tokens", "temperature", "top_p", "top_k", "stream"):

@@ -133,23 +133,28 @@ def _completion_prompt(body: dict, tokenizer, vocab: int) -> list[int]:
 
 
 def _constraint(body: dict, chat: ChatPrompt | None, tokenizer):
-    """The grammar a forced tool call or a JSON response_format puts on the answer."""
+    """What shapes the answer token by token: the grammar a forced tool call or a JSON
+    response_format puts on it, and a reasoning budget (`thinking_budget`, an extension that
+    Anthropic's thinking.budget_tokens becomes)."""
     from pipeline.serve import grammar
     from pipeline.serve.families import Family
 
     family, reasoning = (chat.family, chat.reasoning) if chat else (Family("none"), False)
+    budget = _number(body, "thinking_budget", None, 1, 10**9, integer=True)
+    shape = None
     if chat is not None and chat.force:
         if body.get("response_format") and body["response_format"].get("type") != "text":
             raise bad("'response_format' and a forced 'tool_choice' cannot both shape the "
                       "answer", "response_format")
-        return grammar.Constraint(grammar.tool_grammar(
+        shape = grammar.Constraint(grammar.tool_grammar(
             family, reasoning, chat.tools, chat.force_name, chat.parallel, tokenizer),
             tokenizer, "tool_choice")
-    schema = grammar.response_schema(body)
-    if schema is None:
-        return None
-    return grammar.Constraint(grammar.json_grammar(family, reasoning, schema, tokenizer),
-                              tokenizer, "response_format")
+    elif (schema := grammar.response_schema(body)) is not None:
+        shape = grammar.Constraint(grammar.json_grammar(family, reasoning, schema, tokenizer),
+                                   tokenizer, "response_format")
+    if budget is not None and family.think:  # (a model that does not reason: no budget)
+        return grammar.ThinkBudget(budget, family, reasoning, tokenizer, shape)
+    return shape
 
 
 def parse(body, kind: str, tokenizer, context: int, default_max_tokens: int,

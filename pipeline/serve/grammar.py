@@ -180,3 +180,63 @@ class Constraint:
     def accept(self, token: int) -> None:
         if not self.matcher.is_stopped():
             self.matcher.consume_token(token)
+
+
+class ThinkBudget:
+    """At most `budget` tokens of reasoning (Anthropic's thinking.budget_tokens): once the
+    reasoning block has that many, its end marker is forced, token by token, and the answer
+    goes on from there. `inner`: a grammar Constraint that also shapes the answer (its free
+    reasoning block accepts the forced marker), or None."""
+
+    WINDOW = 8  # tokens decoded again to find a marker written over several tokens
+
+    def __init__(self, budget: int, family: Family, reasoning: bool, tokenizer,
+                 inner: Constraint | None = None):
+        self.budget, self.tokenizer, self.inner = budget, tokenizer, inner
+        self.start, self.end = family.think
+        self.end_ids = tokenizer.encode(self.end, add_special_tokens=False)
+        self.state = "inside" if reasoning else "before"  # then "forcing", "after"
+        self.count = 0  # reasoning tokens so far
+        self.forced = 0  # end-marker tokens forced so far
+        self.recent: list[int] = []  # the latest tokens (the whole answer while "before")
+        self.masked = 0
+
+    def allowed(self, width: int) -> mx.array:
+        if self.state == "forcing":
+            mask = np.zeros(width, dtype=bool)
+            mask[self.end_ids[self.forced]] = True
+            return mx.array(mask)
+        if self.inner is not None:
+            return self.inner.allowed(width)
+        return mx.array(np.ones(width, dtype=bool))
+
+    def apply(self, logprobs: mx.array) -> mx.array:
+        self.masked += 1
+        mask = self.allowed(logprobs.shape[-1])
+        return mx.where(mask[None], logprobs, mx.array(-mx.inf, dtype=logprobs.dtype))
+
+    def accept(self, token: int) -> None:
+        if self.inner is not None:
+            self.inner.accept(token)
+        if self.state == "after":
+            return
+        self.recent.append(token)
+        if self.state != "before":  # (while "before" the answer is a few tokens long)
+            self.recent = self.recent[-self.WINDOW:]
+        text = self.tokenizer.decode(self.recent)
+        if self.state == "before":
+            head = text.lstrip()
+            if head.startswith(self.start):
+                self.state, self.recent = "inside", []
+            elif not self.start.startswith(head):  # the answer does not start with reasoning
+                self.state = "after"
+        elif self.state == "inside":
+            self.count += 1
+            if self.end in text:
+                self.state = "after"
+            elif self.count >= self.budget:
+                self.state = "forcing"
+        elif self.state == "forcing":
+            self.forced += 1
+            if self.forced == len(self.end_ids):
+                self.state = "after"
