@@ -241,6 +241,17 @@ def bench_cmd(
                                      "tok/s with and without prompt lookup, on edit prompts "
                                      "and plain questions (acceptance, tokens per pass)."),
     num_draft_tokens: int = NUM_DRAFT_TOKENS, draft_exact: bool = DRAFT_EXACT,
+    prefix_cache: bool = typer.Option(False, "--prefix-cache", help="Instead: conversations "
+                                      "over a shared system prompt, turn by turn, with the "
+                                      "prompt cache and without (time to first token per "
+                                      "turn, cached tokens, aggregate time)."),
+    conversations: int = typer.Option(8, "--conversations", help="With --prefix-cache."),
+    turns: int = typer.Option(3, "--turns", help="With --prefix-cache: turns per conversation."),
+    system_tokens: int = typer.Option(2000, "--system-tokens", help="With --prefix-cache: the "
+                                      "shared system prompt's length."),
+    user_tokens: int = typer.Option(64, "--user-tokens", help="With --prefix-cache: each user "
+                                    "message's length."),
+    prompt_cache_bytes: str = PROMPT_CACHE_BYTES,
     split: Optional[str] = SPLIT, dtype: Optional[str] = DTYPE,
     dequantize: Optional[bool] = DEQUANTIZE, distribute: Optional[bool] = DISTRIBUTE,
     share_head: bool = SHARE_HEAD, tp: Optional[int] = TP, optimize: Optional[str] = OPTIMIZE,
@@ -279,6 +290,17 @@ def bench_cmd(
         _run(opts, lambda d: run_speculative_bench(d, gen_tokens, repeats, warmup,
                                                    num_draft_tokens, json_out, label,
                                                    exact=draft_exact))
+        return
+    if prefix_cache:
+        from pipeline.commands.bench_cache import run_cache_bench
+
+        cache_bytes = _bytes(prompt_cache_bytes, "--prompt-cache-bytes")
+        if min(conversations, system_tokens, user_tokens) < 1 or turns < 2 or cache_bytes < 1:
+            _fail("--prefix-cache needs --conversations, --system-tokens, --user-tokens and "
+                  "--prompt-cache-bytes of at least 1 and --turns of at least 2")
+        _run(opts, lambda d: run_cache_bench(
+            d, conversations, turns, system_tokens, user_tokens, gen_tokens,
+            max(_int_list(concurrency, "--concurrency")), cache_bytes, repeats, json_out, label))
         return
     from mpi4py import MPI
 

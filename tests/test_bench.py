@@ -197,3 +197,31 @@ def test_bench_links_table(smoke, tmp_path):
     assert (tmp_path / "links.md").read_text().strip() == proc.stdout.strip()
     proc = subprocess.run([*cmd[:-1], str(tmp_path / "none")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("bench-links: error: --no-run: no ")
+
+
+def test_bench_prefix_cache(model_dir, tmp_path):
+    """`bench --prefix-cache` at 2 ranks: the same greedy answers with the cache and without,
+    the shared system prompt taken from the cache from the second conversation on, a later
+    turn's prompt all but its new message, and the ratios #26 names."""
+    out = tmp_path / "cache.json"
+    proc = run_pipeline(2, "bench", "--prefix-cache", "--model", str(model_dir("tiny-llama")),
+                        "--conversations", "3", "--turns", "2", "--system-tokens", "120",
+                        "--user-tokens", "10", "--gen-tokens", "5", "--concurrency", "4",
+                        "--repeats", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert r["same_answers"] and "identical: yes" in proc.stdout
+    first, second = r["on"]
+    assert [t["cached_tokens"] for t in r["off"]] == [0, 0]
+    assert first["cached_tokens"] >= 2 * 120  # conversations 2 and 3 reuse the system prompt
+    # turn 2: each conversation's turn 1 (prompt and answer but its last token) from the cache
+    assert second["cached_tokens"] >= first["prompt_tokens"] + 3 * (5 - 1)
+    # and only each new user message (10 tokens and its User:/Assistant: frame) and that
+    # answer's last token prefilled
+    assert second["prompt_tokens"] - second["cached_tokens"] <= 3 * 30
+    assert r["prompt_cache"]["hits"] == 5 and r["prompt_cache"]["misses"] == 1
+    assert r["later_ttft_ratio"] > 0 and r["aggregate_ratio"] > 0
+    assert "goal <= 0.25x" in proc.stdout and "goal <= 0.5x" in proc.stdout
+    bad = run_pipeline(1, "bench", "--prefix-cache", "--model", str(model_dir("tiny-llama")),
+                       "--turns", "1")
+    assert bad.returncode != 0 and "--turns of at least 2" in bad.stderr
