@@ -38,9 +38,11 @@ run: install
 	launch/mpirun -np $(NP) $(PY) -m pipeline
 
 test: install
+	$(PY) -m ruff check
 	$(PY) -m pytest -q tests
 
 test-fast: install  # the in-process tests only (no mpirun): about a minute
+	$(PY) -m ruff check
 	$(PY) -m pytest -q -m "not slow" tests
 
 # side-by-side throughput (mlx-lm, mlx-lm --pipeline, this tool at 1 and 2 ranks); not in CI

@@ -8,8 +8,6 @@ prompt lookup."""
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -18,7 +16,7 @@ from conftest import reference_tokens, run_json
 from test_engine import PROMPTS, LocalNet, _driver
 from pipeline.exec import draft, verify as verify_mod
 from pipeline.exec.draft import (DraftControl, DraftModel, DraftOptions, PromptLookup,
-                                 Speculation, cache_limit, load_draft_model)
+                                 cache_limit, load_draft_model)
 from pipeline.exec.sampling import Sampler, SamplingParams, logprobs_of
 from pipeline.exec.verify import verify
 from pipeline.model.load import load_stage, read_config
@@ -395,7 +393,6 @@ def test_sliding_window_stops_drafting_when_full(model_dir):
 
 def test_draft_model_proposes_through_its_own_cache(model_dir):
     path = model_dir("tiny-llama")
-    config = read_config(path)
     prompt, n = PROMPTS[0], 16
     expected = reference_tokens(path, prompt, n)
     for like, accepted_all in (("tiny-llama", True), ("tiny-qwen2", False)):

@@ -308,7 +308,7 @@ def _write_tokenizer(meta: dict, arrays: dict, out: Path, context: int) -> None:
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
-    bos, eos = token("bos"), token("eos")
+    bos = token("bos")
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(
