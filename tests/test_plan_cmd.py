@@ -221,6 +221,7 @@ def test_prompt_cache_is_counted_next_to_weights_and_kv(model_dir, tmp_path):
                                    "such as 64G, 512M or 1.5T")
 
 
+@pytest.mark.slow  # a 2-rank server (start_server, imported: not seen by conftest)
 def test_serve_starts_with_the_prompt_cache_that_fits(model_dir, tmp_path):
     """The run's own plan counts --prompt-cache-bytes too: capped at 300M a rank, the default
     2G is cut to what fits beside the layers, said once, and that is the engine's budget."""

@@ -167,6 +167,7 @@ def test_200_turns_with_reset_every_20(model_dir, tmp_path):
     assert_flat(sampler.peaks(0, 0), sampler.peaks(0, blocks), "peak KiB, fds at 20 vs 200 turns")
 
 
+@pytest.mark.slow  # a 2-rank server (start_server, imported: not seen by conftest)
 def test_a_full_prompt_cache_stays_within_its_budget(model_dir):
     """120 requests whose prompts share no prefix (~400 tokens each: ~0.8 MiB of keys and values
     on the busier rank) through a 4 MiB prompt cache: /stats, polled while they run, never
