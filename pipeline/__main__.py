@@ -188,12 +188,12 @@ def batch_cmd(
     sampling = SamplingParams(temp=temp, top_p=top_p, min_p=min_p, seed=seed,
                         max_tokens=max_tokens, ignore_eos=ignore_eos)
     at_once = sequences_at_once(prompts, out, concurrency)  # one prompt left: plan one chat
+    cache_bytes = _bytes(prompt_cache_bytes, "--prompt-cache-bytes")
     opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling, hostfile,
                     max_context, memory_fraction, distribute, share_head, tp, optimize,
-                    sequences=at_once)
+                    sequences=at_once, prompt_cache_bytes=cache_bytes)
     if concurrency < 1:
         _fail("--concurrency must be at least 1")
-    cache_bytes = _bytes(prompt_cache_bytes, "--prompt-cache-bytes")
     try:
         if not prompts.is_file():
             raise BatchFileError(f"prompts file {prompts} does not exist")
@@ -202,8 +202,9 @@ def batch_cmd(
         _fail(str(e))
     defaults = Defaults(sampling, system, chat)
     status = []  # rank 0's exit code, given once every rank has shut down
+    # the plan's budget: --prompt-cache-bytes, or what fits beside the model
     _run(opts, lambda d: status.append(run_batch(d, prompts, out, defaults, concurrency,
-                                                   prompt_cache_bytes=cache_bytes)))
+                                                   prompt_cache_bytes=d.prompt_cache_bytes)))
     if status and status[0]:
         raise typer.Exit(status[0])
 
@@ -337,14 +338,15 @@ def serve_cmd(
     With --concurrency 1 each request is one chat at a time, with speculative decoding."""
     from pipeline.serve.server import check_api_key, listen_socket, model_name, run_serve
 
+    cache_bytes = _bytes(prompt_cache_bytes, "--prompt-cache-bytes")
     opts = _options(model, split, dtype, verbose, prefill_chunk, dequantize,
                     SamplingParams(max_tokens=max_tokens), hostfile, max_context, memory_fraction,
-                    distribute, share_head, tp, optimize, sequences=concurrency)
+                    distribute, share_head, tp, optimize, sequences=concurrency,
+                    prompt_cache_bytes=cache_bytes)
     if concurrency < 1 or max_queue < 0:
         _fail("--concurrency must be at least 1 and --max-queue at least 0")
     if not 0 <= port <= 65535:
         _fail(f"--port {port} is outside 0-65535")
-    cache_bytes = _bytes(prompt_cache_bytes, "--prompt-cache-bytes")
     sock = None
     if _rank() == 0:  # claim the port now; a taken one ends every rank before the model loads
         try:
@@ -360,7 +362,7 @@ def serve_cmd(
             set_drafting(driver, prompt_lookup, num_draft_tokens, draft_model, opts,
                          draft_exact)
         run_serve(driver, sock, model_name(model), concurrency, max_queue, max_tokens, verbose,
-                  api_key, prompt_cache_bytes=cache_bytes)
+                  api_key, prompt_cache_bytes=driver.prompt_cache_bytes)
 
     _run(opts, body)
 
@@ -409,6 +411,10 @@ def plan_cmd(
     optimize: Optional[str] = typer.Option(
         None, "--optimize", help="chat (one sequence's speed) or throughput (many sequences) "
         "[default: print both plans]."),
+    prompt_cache_bytes: Optional[str] = typer.Option(
+        None, "--prompt-cache-bytes", help="The prompt cache's memory per rank, as serve's "
+        "and batch's flag, counted in every plan (cut to what fits, with a note) "
+        f"[default: {PROMPT_CACHE_BYTES.default} in the throughput plan, none in the chat plan]."),
 ):
     """Show how the layers would be placed (no weights loaded); under mpirun, measured."""
     from mpi4py import MPI
@@ -417,9 +423,11 @@ def plan_cmd(
 
     if dtype is not None and dtype not in DTYPE_NAMES:
         _fail(f"--dtype {dtype} is not one of {', '.join(DTYPE_NAMES)}")
+    cache_bytes = (None if prompt_cache_bytes is None
+                   else _bytes(prompt_cache_bytes, "--prompt-cache-bytes"))
     raise typer.Exit(run_plan(model, hostfile, max_context, memory_fraction, as_json,
                               MPI.COMM_WORLD, dtype=dtype, split=split, tp=tp,
-                              optimize=optimize))
+                              optimize=optimize, prompt_cache_bytes=cache_bytes))
 
 
 @app.command("doctor")

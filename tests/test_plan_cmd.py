@@ -188,3 +188,55 @@ def test_a_run_that_dequantizes_plans_with_dense_sizes(config_only_70b):
     assert sum(r.weight_bytes for r in dense.ranks) > 6 * sum(r.weight_bytes for r in packed.ranks)
     assert dense.ranks[0].weight_bytes / dense.ranks[0].layers > 6 * (
         packed.ranks[0].weight_bytes / packed.ranks[0].layers)
+
+
+def test_prompt_cache_is_counted_next_to_weights_and_kv(model_dir, tmp_path):
+    # 512M at fraction 0.8 leaves ~150 MiB beside the headroom: the throughput plan's default
+    # 2G prompt cache is cut to what fits, with a note; the chat plan (REPL) counts none
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=1 # pipeline: mem=512M bw=100G\nb slots=1 # pipeline: mem=1G\n")
+    model = str(model_dir("tiny-llama"))
+    proc = run_pipeline(0, "plan", "--model", model, "--hostfile", str(hostfile), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    chat, throughput = proc.stdout.split("throughput plan (")
+    assert "prompt cache: none (the REPL and one-shot runs keep none)" in chat
+    assert "KV cache  prompt cache" in chat and "KV cache  prompt cache" in throughput
+    note = next(line for line in throughput.splitlines() if line.startswith("note:"))
+    assert "--prompt-cache-bytes 2 GiB per rank does not fit beside the model" in note
+    kept = int(note.split("gets ")[1].split("M per rank")[0])
+    assert 100 < kept < 160 and f"prompt cache: {kept} MiB per rank" in throughput
+    doc = plan_json(0, "--model", model, "--hostfile", str(hostfile),
+                    "--prompt-cache-bytes", "64M")
+    for plan in doc["plans"].values():  # asked for: counted in both plans, as asked
+        assert plan["prompt_cache_bytes"] == plan["prompt_cache_asked_bytes"] == 64 * 2**20
+        assert plan["prompt_cache_note"] is None
+        for r in plan["ranks"]:
+            assert r["prompt_cache_bytes"] == 64 * 2**20
+            assert r["need_bytes"] == (r["weight_bytes"] + r["kv_bytes"] + r["headroom_bytes"]
+                                       + r["prompt_cache_bytes"]) <= r["usable_bytes"]
+    proc = run_pipeline(0, "plan", "--model", model, "--hostfile", str(hostfile),
+                        "--prompt-cache-bytes", "lots", timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == ("pipeline: error: --prompt-cache-bytes: 'lots' is not a size "
+                                   "such as 64G, 512M or 1.5T")
+
+
+@pytest.mark.slow  # a 2-rank server (start_server, imported: not seen by conftest)
+def test_serve_starts_with_the_prompt_cache_that_fits(model_dir, tmp_path):
+    """The run's own plan counts --prompt-cache-bytes too: capped at 300M a rank, the default
+    2G is cut to what fits beside the layers, said once, and that is the engine's budget."""
+    from test_serve import start_server, stop_server
+
+    hostfile = tmp_path / "caps"
+    hostfile.write_text("localhost  # pipeline: mem=300M\nlocalhost  # pipeline: mem=300M\n")
+    served = start_server(model_dir("tiny-llama"), "--hostfile", str(hostfile),
+                          "--memory-fraction", "1")
+    try:
+        budget = served.stats()["prompt_cache"]["budget_bytes"]
+    finally:
+        stop_server(served)
+    notes = [line for line in "".join(served.err).splitlines() if "pipeline: note:" in line]
+    assert len(notes) == 1 and "--prompt-cache-bytes 2 GiB per rank does not fit" in notes[0]
+    assert "--memory-fraction 1:" in notes[0] and "larger --memory-fraction" not in notes[0]
+    kept = int(notes[0].split("gets ")[1].split("M per rank")[0])
+    assert budget == kept * 2**20 and 0 < budget < 44 * 2**20  # 300M less the 256M headroom

@@ -12,7 +12,8 @@ from pipeline.model.load import read_config
 from pipeline.place.planner import (HEADROOM_BYTES, GiB, ModelCost, Node, PlanError,
                                     check_split, describe_split, plan_layers)
 from pipeline.place.split import SplitError
-from pipeline.place.preflight import nodes_from_capacities, nodes_from_hostfile, planning_memory
+from pipeline.place.preflight import (cache_note, nodes_from_capacities, nodes_from_hostfile,
+                                      plan_job, planning_memory)
 
 from conftest import ARCHS, ROOT
 from helpers import brute_force_plan
@@ -255,6 +256,56 @@ def test_check_split_names_the_rank_that_does_not_fit():
     assert check_split(cost, nodes, [2, 4], 1, memory_fraction=1.0, headroom_bytes=0).split == [2, 4]
     with pytest.raises(PlanError, match=r"(?s)--split 3,3 does not fit.*rank 0 \(a\) needs 300 B"):
         check_split(cost, nodes, [3, 3], 1, memory_fraction=1.0, headroom_bytes=0)
+
+
+MiB = 2**20
+NINE_GIB = ModelCost((GiB,) * 8, GiB, (0,) * 8)  # 8 layers of 1 GiB, a 1 GiB head; no KV cache
+
+
+def test_prompt_cache_counts_on_every_rank():
+    nodes = [Node(0, "a", 8 * GiB, 1e11), Node(1, "b", 8 * GiB, 1e11)]
+    plan = plan_job(NINE_GIB, nodes, 1, cache_bytes=512 * MiB)
+    assert plan.cache_bytes == plan.cache_asked == 512 * MiB and cache_note(plan) is None
+    for r in plan.ranks:
+        assert r.cache_bytes == 512 * MiB
+        assert r.need_bytes == r.weight_bytes + r.kv_bytes + HEADROOM_BYTES + 512 * MiB
+        assert r.need_bytes <= r.usable_bytes
+    assert plan.to_json()["prompt_cache_bytes"] == plan.ranks[1].to_json()["prompt_cache_bytes"]
+    assert plan_job(NINE_GIB, nodes, 1).cache_bytes == 0  # none asked: none counted
+
+
+def test_a_prompt_cache_that_does_not_fit_is_cut_to_what_does():
+    # 6.4 GiB usable per rank holds 5 GiB of layers (4 + the head, or 5) and the headroom:
+    # what is left of it, in whole MiB, is the most cache either split leaves room for
+    nodes = [Node(0, "a", 8 * GiB, 1e11), Node(1, "b", 8 * GiB, 1e11)]
+    most = (int(8 * GiB * 0.8) - 5 * GiB - HEADROOM_BYTES) // MiB * MiB
+    plan = plan_job(NINE_GIB, nodes, 1, tp=1, cache_bytes=2 * GiB)
+    assert plan.cache_asked == 2 * GiB and plan.cache_bytes == most
+    assert all(r.cache_bytes == most and r.need_bytes <= r.usable_bytes for r in plan.ranks)
+    assert plan_job(NINE_GIB, nodes, 1, tp=1, cache_bytes=most).cache_bytes == most  # as is
+    assert plan_job(NINE_GIB, nodes, 1, tp=1, cache_bytes=most + MiB).cache_bytes == most
+    note = cache_note(plan)
+    assert note.startswith("--prompt-cache-bytes 2 GiB per rank does not fit beside the model")
+    assert f"gets {most // MiB}M per rank" in note and f"--prompt-cache-bytes {most // MiB}M" in note
+    # the cache moves layers, never the layout: over slow links the pipeline stays, with the
+    # cut cache, though a tensor-parallel group would leave room for more
+    slow = [Node(r, h, 8 * GiB, 1e11, latency_s=0.01) for r, h in enumerate("ab")]
+    assert plan_job(NINE_GIB, slow, 1).groups == [1, 1]
+    kept = plan_job(NINE_GIB, slow, 1, cache_bytes=2 * GiB)
+    assert kept.groups == [1, 1] and kept.cache_bytes == most
+    # a tensor-parallel group: each member keeps its own cache beside half of every layer
+    tp = plan_job(NINE_GIB, nodes, 1, tp=2, cache_bytes=2 * GiB)
+    half = (int(8 * GiB * 0.8) - -(-9 * GiB // 2) - HEADROOM_BYTES) // MiB * MiB
+    assert tp.groups == [2] and [r.cache_bytes for r in tp.ranks] == [half, half]
+
+
+def test_no_room_for_a_prompt_cache_turns_it_off_and_a_model_too_big_still_fails():
+    nodes = [Node(0, "a", 8 * GiB, 1e11), Node(1, "b", 8 * GiB, 1e11)]
+    full = plan_job(NINE_GIB, nodes, 1, memory_fraction=(5 * GiB + HEADROOM_BYTES) / (8 * GiB),
+                    tp=1, cache_bytes=GiB)
+    assert full.cache_bytes == 0 and "the prompt cache is off" in cache_note(full)
+    with pytest.raises(PlanError, match="the model does not fit"):
+        plan_job(NINE_GIB, nodes_of((4, 4)), 1, cache_bytes=GiB)
 
 
 def test_bad_inputs():

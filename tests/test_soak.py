@@ -1,5 +1,6 @@
-"""Load: a 1000-prompt batch and a 200-turn chat on a tiny model over 2 real ranks keep memory
-and file descriptors flat.
+"""Load: a 1000-prompt batch, a 200-turn chat and a server whose prompt cache fills and evicts
+many times over, on a tiny model over 2 real ranks, keep memory and file descriptors flat (and
+the prompt cache within its budget).
 
 How it is measured: while the job runs, a sampler thread reads every 50 ms each rank's
 resident set (VmRSS in /proc/<pid>/status) and counts its open descriptors (/proc/<pid>/fd),
@@ -20,11 +21,13 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from conftest import mpi_env, pipeline_cmd
 from helpers import processes
+from test_serve import start_server, stop_server
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -162,3 +165,51 @@ def test_200_turns_with_reset_every_20(model_dir, tmp_path):
     assert first.startswith(b"> ") and first.count(b"\n> ") == turns and b"error" not in first
     assert all(block == first for block in answers[1:-1])  # ... and the same way each time
     assert_flat(sampler.peaks(0, 0), sampler.peaks(0, blocks), "peak KiB, fds at 20 vs 200 turns")
+
+
+@pytest.mark.slow  # a 2-rank server (start_server, imported: not seen by conftest)
+def test_a_full_prompt_cache_stays_within_its_budget(model_dir):
+    """120 requests whose prompts share no prefix (~400 tokens each: ~0.8 MiB of keys and values
+    on the busier rank) through a 4 MiB prompt cache: /stats, polled while they run, never
+    shows more than the budget; the cache fills and evicts on and on; the ranks' peak RSS once
+    it is full does not grow with the ~100 MiB that were kept and dropped."""
+    n, budget = 120, 4 * 2**20
+    served = start_server(model_dir("tiny-llama"), "--concurrency", "4", "--prompt-cache-bytes",
+                          "4M")
+    done, polled, lock = [0], [], threading.Lock()
+
+    def poll() -> None:
+        while not sampler.stop:
+            polled.append(served.stats()["prompt_cache"])
+            time.sleep(0.05)
+
+    def one(i: int) -> None:
+        words = " ".join(f"w{(i * 7919 + k * 104729) % 1000}" for k in range(150))
+        status, body = served.request("POST", "/v1/completions", {
+            "model": "m", "prompt": f"request {i}: {words}", "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True})
+        assert status == 200 and body["usage"]["completion_tokens"] == 8, body
+        with lock:
+            done[0] += 1
+
+    try:
+        sampler = Sampler(rank_pids(served.proc.pid, 2), lambda: done[0])
+        poller = threading.Thread(target=poll, daemon=True)
+        sampler.start()
+        poller.start()
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, range(n)))
+        time.sleep(0.2)  # the last samples
+    finally:
+        sampler.stop = True
+        stop_server(served)
+    sampler.join()
+    poller.join()
+    last = polled[-1]
+    print(f"prompt cache at the end: {last}, {len(polled)} polls")
+    assert all(p["budget_bytes"] == budget and p["bytes"] <= budget for p in polled), max(
+        p["bytes"] for p in polled)
+    assert max(p["bytes"] for p in polled) > budget / 2 and last["entries"] >= 2  # filled
+    assert last["evictions"] >= n / 2  # over and over: the test cannot pass with no eviction
+    assert_flat(sampler.peaks(20, 40), sampler.peaks(20, n), "peak KiB, fds at 40 vs "
+                f"{n} requests")

@@ -30,7 +30,8 @@ from pipeline.place.cost import default_max_context, model_cost, quantized_alter
 from pipeline.place.groups import OBJECTIVES
 from pipeline.place.hostfile import HostfileError
 from pipeline.place.planner import DEFAULT_MEMORY_FRACTION, HEADROOM_BYTES, ModelCost, Plan, fmt_bytes
-from pipeline.place.preflight import nodes_for, measure_cluster, plan_job
+from pipeline.exec.prefix import DEFAULT_PROMPT_CACHE_BYTES
+from pipeline.place.preflight import cache_note, nodes_for, measure_cluster, plan_job
 from pipeline.place.split import SplitError
 
 PLAN_ERRORS = (ModelError, HostfileError, SplitError, UnsupportedModel, CapacityError,
@@ -49,19 +50,21 @@ def format_plan(plan: Plan, cost: ModelCost, labels: list[str], header: list[str
     """The table; a mixture of experts gets a column of what one token reads per rank."""
     moe = cost.experts > 0
     rows = [("rank", "host", "memory", "usable", "bandwidth", "layers", "range", "weights",
-             *(("read/token",) if moe else ()), "KV cache", "est ms/token", "tp")]
+             *(("read/token",) if moe else ()), "KV cache", "prompt cache", "est ms/token",
+             "tp")]
     for r, label in zip(plan.ranks, labels):
         start, end = r.layer_range
         ms = "?" if r.est_ms_per_token is None else f"{r.est_ms_per_token:.3g}"
         rows.append((str(r.rank), label, fmt_bytes(r.memory_bytes), fmt_bytes(r.usable_bytes),
                      _fmt_bw(r.bandwidth), str(r.layers), f"{start}..{end - 1}",
                      fmt_bytes(r.weight_bytes), *((fmt_bytes(r.read_bytes),) if moe else ()),
-                     fmt_bytes(r.kv_bytes), ms, str(r.tp)))
+                     fmt_bytes(r.kv_bytes), fmt_bytes(r.cache_bytes), ms, str(r.tp)))
     total_ms = plan.est_ms_per_token
     rows.append(("total", "", "", "", "", str(sum(plan.split)), "",
                  fmt_bytes(sum(r.weight_bytes for r in plan.ranks)),
                  *((fmt_bytes(sum(r.read_bytes for r in plan.ranks)),) if moe else ()),
                  fmt_bytes(sum(r.kv_bytes for r in plan.ranks)),
+                 fmt_bytes(sum(r.cache_bytes for r in plan.ranks)),
                  "?" if total_ms is None else f"{total_ms:.3g}", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     left = {1, 6}  # host, range
@@ -128,14 +131,18 @@ def _model(model: str | None, dtype: str | None):
 def run_plan(model: str | None, hostfile: str | None = None, max_context: int | None = None,
              memory_fraction: float = DEFAULT_MEMORY_FRACTION, as_json: bool = False,
              comm=None, *, dtype: str | None = None, split: str | None = None,
-             out=None, tp: int | None = None, optimize: str | None = None) -> int:
+             out=None, tp: int | None = None, optimize: str | None = None,
+             prompt_cache_bytes: int | None = None) -> int:
     """Print the plan (rank 0) and return the exit code, the same on every rank: 0, or 2
     with one `pipeline: error:` line when the model does not fit or the input is wrong.
 
     comm: the job's communicator (None or size 1: no mpirun). dtype: the run's --dtype
     ("checkpoint": as stored; default: float32 on a CPU it measures, as the run would; the
     checkpoint's for hosts declared in a hostfile). tp: ranks per stage (None: the planner
-    chooses). optimize: "chat" or "throughput" (None: print both plans).
+    chooses). optimize: "chat" or "throughput" (None: print both plans). prompt_cache_bytes:
+    the prompt cache's budget per rank, counted in every plan (None: the default budget in
+    the throughput plan, for batch and serve; none in the chat plan: the REPL and one-shot
+    runs keep no prompt cache).
     """
     out = out or sys.stdout
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
@@ -173,27 +180,35 @@ def run_plan(model: str | None, hostfile: str | None = None, max_context: int | 
             if error:
                 raise CapacityError(error)
             _plan_and_print(model_info, hostfile, caps, hops, max_context, memory_fraction,
-                            split, as_json, out, tp, optimize)
+                            split, as_json, out, tp, optimize, prompt_cache_bytes)
         except PLAN_ERRORS as e:
             print(f"pipeline: error: {e}", file=sys.stderr, flush=True)
             code = EXIT_USAGE
     return comm.bcast(code, root=0) if size > 1 else code
 
 
+def _cache_for(objective: str, prompt_cache_bytes: int | None) -> int:
+    if prompt_cache_bytes is not None:
+        return prompt_cache_bytes
+    return DEFAULT_PROMPT_CACHE_BYTES if objective == "throughput" else 0
+
+
 def _plan_and_print(model_info, hostfile, caps, hops, max_context, memory_fraction, split,
-                    as_json, out, tp=None, optimize=None) -> None:
+                    as_json, out, tp=None, optimize=None, prompt_cache_bytes=None) -> None:
     path, config, cost, note = model_info
     max_context = max_context or default_max_context(config)
     nodes, labels, source = nodes_for(caps, hostfile)
     plans = {objective: plan_job(cost, nodes, max_context, memory_fraction=memory_fraction,
                                  split=split, hops=hops, tp=tp, objective=objective,
                                  config=config,
-                                 alternatives=quantized_alternatives(config, cost.dtype))
+                                 alternatives=quantized_alternatives(config, cost.dtype),
+                                 cache_bytes=_cache_for(objective, prompt_cache_bytes))
              for objective in ([optimize] if optimize else OBJECTIVES)}
     plan = next(iter(plans.values()))
     hop_note = "measured" if hops is not None else "assumed"
     if as_json:
-        doc = {**plan.to_json(), "plans": {k: p.to_json() for k, p in plans.items()},
+        doc = {**plan.to_json(), "plans": {k: {**p.to_json(), "prompt_cache_note": cache_note(p)}
+                                           for k, p in plans.items()},
                "model": {"path": str(path), "description": cost.description,
                "num_layers": cost.num_layers, "head_bytes": cost.head_bytes,
                "weight_bytes": cost.weight_bytes, "read_bytes_per_token": cost.token_read_bytes,
@@ -213,12 +228,23 @@ def _plan_and_print(model_info, hostfile, caps, hops, max_context, memory_fracti
               + (f", --split {split}" if split else "") + (f", --tp {tp}" if tp else "")]
     print("\n".join(header), file=out)
     for objective, plan in plans.items():
-        title = [f"{objective} plan ({_USE[objective]}):"]
+        title = [f"{objective} plan ({_USE[objective]}):", _cache_line(plan, prompt_cache_bytes)]
+        if cache_note(plan):
+            title.append(f"note: {cache_note(plan)}")
         if plan.head_share_rows:
             title.append(f"shared head: in batch/serve/bench the last rank also holds the head's "
                          f"first {plan.head_share_rows} of {cost.vocab} rows (counted in its "
                          f"weights; --no-share-head there)")
         print("\n" + format_plan(plan, cost, labels, title), file=out, flush=True)
+
+
+def _cache_line(plan: Plan, asked: int | None) -> str:
+    if plan.cache_bytes:
+        return (f"prompt cache: {fmt_bytes(plan.cache_bytes)} per rank (--prompt-cache-bytes), "
+                f"counted beside weights, KV cache and headroom")
+    if asked is None and not plan.cache_asked:  # the chat plan's default
+        return "prompt cache: none (the REPL and one-shot runs keep none)"
+    return "prompt cache: off"
 
 
 _USE = {"chat": "one sequence as fast as it goes: REPL and one-shot runs",

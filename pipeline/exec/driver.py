@@ -91,6 +91,7 @@ class Driver:
         # prompt-cache bytes on the rank that holds the most per byte on rank 0 (its layers
         # over rank 0's; the job sets it from the plan): the budget holds on every rank
         self.cache_scale = 1.0
+        self.prompt_cache_bytes = 0  # its budget per rank: the plan's (the job sets it)
         self.fed: list[int] = []  # tokens whose keys/values sit in the caches of every rank
         self.interrupted = False  # set from a signal handler to stop the current generation
         self.last_stats: GenerationStats | None = None

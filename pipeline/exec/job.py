@@ -31,7 +31,7 @@ from pipeline.place.hostfile import HostfileError
 from pipeline.place.planner import DEFAULT_MEMORY_FRACTION, HIGH_CONCURRENCY
 from pipeline.place.split import SplitError, check_rank_count, layer_ranges
 from pipeline.place.cost import default_max_context
-from pipeline.place.preflight import measure_cluster, preflight_plan
+from pipeline.place.preflight import cache_note, measure_cluster, preflight_plan
 from pipeline.model.shell import UnsupportedModel
 from pipeline.host.rows_first import use_rows_first
 
@@ -59,13 +59,15 @@ class Options:
     tp: int | None = None  # ranks per stage (tensor parallel); None: the planner chooses
     objective: str = "chat"  # what the planner optimizes: "chat" (one sequence) or "throughput"
     sequences: int = 1  # decoded at once: the work the plan is for
+    prompt_cache_bytes: int = 0  # per rank (serve, batch): counted by the plan, cut to fit
     refuse: str | None = None  # rank 0 found bad input before start (a taken --port): every
     #                            rank ends at the first collective, before anything loads
 
 
 def checked_options(model, split, dtype, verbose, prefill_chunk, dequantize, sampling,
                     hostfile=None, max_context=None, memory_fraction=0.8, distribute=None,
-                    share_head=False, tp=None, optimize=None, sequences=1) -> Options:
+                    share_head=False, tp=None, optimize=None, sequences=1,
+                    prompt_cache_bytes=0) -> Options:
     """Options from the command's flags, after what every rank can check alone (ValueError
     with the one line to print). sequences: how many the command decodes at once (one chat:
     1); the plan is for them: one chat's speed, or throughput from 2 on, unless --optimize."""
@@ -90,7 +92,7 @@ def checked_options(model, split, dtype, verbose, prefill_chunk, dequantize, sam
                    max_context=max_context, memory_fraction=memory_fraction,
                    distribute=distribute, share_head=share_head, tp=tp,
                    objective=optimize or ("throughput" if sequences > 1 else "chat"),
-                   sequences=max(1, sequences))
+                   sequences=max(1, sequences), prompt_cache_bytes=prompt_cache_bytes)
 
 
 OBJECTIVE_WORDS = {"chat": "one chat", "throughput": "many sequences"}
@@ -113,10 +115,12 @@ def _plan(opts: Options, path, config: dict, caps, hops, size: int) -> dict:
                           max_context=opts.max_context, memory_fraction=opts.memory_fraction,
                           dtype=opts.dtype, split=opts.split, dequantize=_dequantize(opts),
                           share_head=opts.share_head, tp=_tp(opts), objective=opts.objective,
-                          sequences=opts.sequences if opts.sequences > 1 else HIGH_CONCURRENCY)
+                          sequences=opts.sequences if opts.sequences > 1 else HIGH_CONCURRENCY,
+                          cache_bytes=opts.prompt_cache_bytes)
     groups = list(plan.groups)
     return {"split": plan.split, "repo": hub_repo(opts.model), "groups": groups,
-            "head_share_rows": plan.head_share_rows, "objective": opts.objective}
+            "head_share_rows": plan.head_share_rows, "objective": opts.objective,
+            "prompt_cache_bytes": plan.cache_bytes, "cache_note": cache_note(plan)}
 
 
 def _tp(opts: Options) -> int | None:
@@ -252,11 +256,14 @@ def start(opts: Options, comm=None):
                   file=sys.stderr, flush=True)
         if note:
             print(f"pipeline: warning: rank {r} ({host}): {note}", file=sys.stderr, flush=True)
+    if plan["cache_note"]:
+        print(f"pipeline: note: {plan['cache_note']}", file=sys.stderr, flush=True)
     context = opts.max_context or default_max_context(config)
     ring = Ring(comm, groups) if size > 1 else None
     driver = Driver(comm, stage, tokenizer, weight_bytes, opts.prefill_chunk, context,
                     head_share_rows=plan["head_share_rows"], log=log, ring=ring, group=link)
     driver.groups = groups
+    driver.prompt_cache_bytes = plan["prompt_cache_bytes"]
     driver.cache_scale = _cache_scale(layer_ranges(plan["split"]), groups)
     return driver
 

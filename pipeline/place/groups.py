@@ -29,8 +29,8 @@ measured (the start-up ping-pong of M bytes: the whole message time counts as la
 ar(n) over it is an upper bound), else declared (`lat=` in the hostfile: the slower end's),
 else SAME_HOST_LATENCY_S between ranks of one host, else DEFAULT_HOP_LATENCY_S. A group's
 all-reduce runs at its slowest inside link. Memory: each member holds 1/n of the stage's
-weights, KV cache (whole KV heads each) and, in stage 0, head, plus its own headroom; the
-smallest member bounds the group.
+weights, KV cache (whole KV heads each) and, in stage 0, head, plus its own headroom and
+prompt-cache budget; the smallest member bounds the group.
 
 Searched: every way to cut the ranks into consecutive groups for up to MAX_MIXED_RANKS
 ranks (2^(N-1) layouts: [2, 1], [1, 2], ...), beyond that equal groups of each g dividing N;
@@ -152,6 +152,7 @@ def microbatch(sequences: int, stages: int) -> int:
 
 def _groups(cost: ModelCost, nodes: list[Node], links: list[Link], groups: list[int],
             fraction: float, headroom: int, sequences: int) -> list[_Group]:
+    """headroom: every rank's fixed reserve (with the prompt cache's budget)."""
     out, m = [], cost.hidden_bytes
     b = microbatch(sequences, len(groups))
     for s, (start, n) in enumerate(zip([0, *accumulate(groups)], groups)):
@@ -188,8 +189,9 @@ def step_seconds(batch_reads: float, bandwidth: float, flops: float | None, rows
 
 def describe_groups(cost: ModelCost, nodes: list[Node], groups: list[_Group], split: list[int],
                     max_context: int, fraction: float, headroom: int, share: int = 0,
-                    sequences: int = HIGH_CONCURRENCY) -> Plan:
-    """The figures of a layout: per rank (its 1/n shares) and per stage (StageCost)."""
+                    sequences: int = HIGH_CONCURRENCY, cache: int = 0) -> Plan:
+    """The figures of a layout: per rank (its 1/n shares) and per stage (StageCost).
+    cache: the prompt cache's bytes every rank keeps room for."""
     kv = cost.kv_bytes(max_context)
     half = cost.head_matrix_bytes // 2 if share else 0
     ranks, stages = [], []
@@ -218,7 +220,7 @@ def describe_groups(cost: ModelCost, nodes: list[Node], groups: list[_Group], sp
                 kv_bytes=-(-sum(kv[start:end]) // n), headroom_bytes=headroom,
                 memory_bytes=node.memory_bytes, usable_bytes=node.usable(fraction),
                 bandwidth=node.bandwidth, est_ms_per_token=stage.ms, head_rows=rows,
-                read_bytes=-(-reads // n), tp=n, flops=node.flops))
+                read_bytes=-(-reads // n), tp=n, flops=node.flops, cache_bytes=cache))
     return Plan(ranks, max_context, fraction, hop_ms=sum(g.hop for g in groups) * 1e3,
                 groups=[len(g.ranks) for g in groups], stages=stages, sequences=sequences)
 
@@ -230,9 +232,10 @@ def _fits(plan: Plan) -> bool:
 def plan_layout(cost: ModelCost, nodes: list[Node], links: list[Link], groups: list[int],
                 max_context: int, fraction: float, headroom: int, *, objective: str = "chat",
                 share_head: bool = True, split: list[int] | None = None,
-                sequences: int = HIGH_CONCURRENCY) -> Plan | None:
-    """The best split of the layers over one layout (or `split` checked); None: no fit."""
-    parts = _groups(cost, nodes, links, groups, fraction, headroom, sequences)
+                sequences: int = HIGH_CONCURRENCY, cache: int = 0) -> Plan | None:
+    """The best split of the layers over one layout (or `split` checked); None: no fit.
+    cache: the prompt cache's bytes each rank reserves beside its headroom."""
+    parts = _groups(cost, nodes, links, groups, fraction, headroom + cache, sequences)
     vnodes = [g.node for g in parts]
     over = [g.overhead for g in parts]
     pure_ends = len(groups) > 1 and groups[0] == 1 and groups[-1] == 1
@@ -240,21 +243,22 @@ def plan_layout(cost: ModelCost, nodes: list[Node], links: list[Link], groups: l
     balance = objective == "throughput"
     if split is not None:
         plan = describe_groups(cost, nodes, parts, split, max_context, fraction, headroom, share,
-                               sequences)
+                               sequences, cache)
         if share and not _fits(plan):
             plan = describe_groups(cost, nodes, parts, split, max_context, fraction, headroom, 0,
-                                   sequences)
+                                   sequences, cache)
         return plan if _fits(plan) else None
-    layers = search_split(cost, vnodes, max_context, fraction, headroom, True, True, share, over,
+    reserve = headroom + cache
+    layers = search_split(cost, vnodes, max_context, fraction, reserve, True, True, share, over,
                      balance) if share else None
     if layers is None:
         share = 0
-        layers = search_split(cost, vnodes, max_context, fraction, headroom, True, True, 0, over,
+        layers = search_split(cost, vnodes, max_context, fraction, reserve, True, True, 0, over,
                          balance)
     if layers is None:
         return None
     return describe_groups(cost, nodes, parts, layers, max_context, fraction, headroom, share,
-                           sequences)
+                           sequences, cache)
 
 
 def _allreduces(plan: Plan) -> int:
@@ -281,20 +285,22 @@ def plan_groups(cost: ModelCost, nodes: list[Node], links: list[Link], max_conte
                 fraction: float, headroom: int, tp: int | None = None,
                 objective: str = "chat", problems: dict[int, str] | None = None,
                 share_head: bool = True, split: list[int] | None = None,
-                sequences: int = HIGH_CONCURRENCY) -> Plan | None:
+                sequences: int = HIGH_CONCURRENCY, cache: int = 0,
+                only: list[int] | None = None) -> Plan | None:
     """The best layout and split for the objective, with every stage's reason; None when no
-    layout fits. sequences: decoded at once (the throughput figures). Raises PlanError for
-    an unknown objective or an impossible --tp."""
+    layout fits. sequences: decoded at once (the throughput figures); cache: the prompt
+    cache's bytes each rank keeps room for; only: this layout alone. Raises PlanError for an
+    unknown objective or an impossible --tp."""
     if objective not in OBJECTIVES:
         raise PlanError(f"--optimize {objective} is not one of {', '.join(OBJECTIVES)}")
     problems = problems or {}
     plans, tried = [], []
-    for groups in layouts(len(nodes), tp, problems):
+    for groups in [only] if only is not None else layouts(len(nodes), tp, problems):
         if len(groups) > cost.num_layers or (split is not None and len(split) != len(groups)):
             continue
         plan = plan_layout(cost, nodes, links, groups, max_context, fraction, headroom,
                            objective=objective, share_head=share_head, split=split,
-                           sequences=sequences)
+                           sequences=sequences, cache=cache)
         if plan is None:
             continue
         tried.append((tuple(groups), plan.est_ms_per_token, plan.round_ms))

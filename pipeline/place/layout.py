@@ -102,6 +102,7 @@ class RankPlan:
     read_bytes: int = 0  # what one token reads here (MoE: less than its weights; head rows: 0)
     tp: int = 1  # ranks of its stage's tensor-parallel group (each holds 1/tp of the stage)
     flops: float | None = None  # its matrix-product rate (None: unknown)
+    cache_bytes: int = 0  # the prompt cache's budget on this rank (--prompt-cache-bytes)
 
     @property
     def layers(self) -> int:
@@ -109,14 +110,15 @@ class RankPlan:
 
     @property
     def need_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.headroom_bytes
+        return self.weight_bytes + self.kv_bytes + self.headroom_bytes + self.cache_bytes
 
     def to_json(self) -> dict:
         return {"rank": self.rank, "host": self.host, "layers": self.layers,
                 "layer_range": list(self.layer_range), "weight_bytes": self.weight_bytes,
                 "kv_bytes": self.kv_bytes, "memory_bytes": self.memory_bytes,
                 "est_ms_per_token": _round(self.est_ms_per_token),
-                "headroom_bytes": self.headroom_bytes, "need_bytes": self.need_bytes,
+                "headroom_bytes": self.headroom_bytes, "prompt_cache_bytes": self.cache_bytes,
+                "need_bytes": self.need_bytes,
                 "usable_bytes": self.usable_bytes, "bandwidth_bytes_per_s": self.bandwidth,
                 "head_rows": self.head_rows, "read_bytes": self.read_bytes, "tp": self.tp}
 
@@ -150,6 +152,7 @@ class Plan:
     objective: str = "chat"
     layouts: list[tuple] = ()  # (groups, one-chat ms, round ms) of every layout tried
     sequences: int = HIGH_CONCURRENCY  # decoded at once, for the throughput figures
+    cache_asked: int = 0  # --prompt-cache-bytes per rank; the ranks' cache_bytes: what fits
 
     def __post_init__(self):
         if self.groups is None:
@@ -173,6 +176,12 @@ class Plan:
         if len(self.groups) < 2 or self.groups[0] > 1 or self.groups[-1] > 1:
             return 0
         return self.ranks[-1].head_rows
+
+    @property
+    def cache_bytes(self) -> int:
+        """The prompt cache's budget per rank (the same on every rank; below cache_asked
+        when that did not fit beside the layers)."""
+        return self.ranks[0].cache_bytes if self.ranks else 0
 
     @property
     def bandwidth_known(self) -> bool:
@@ -227,6 +236,8 @@ class Plan:
                 "weight_bytes": sum(r.weight_bytes for r in self.ranks),
                 "read_bytes": sum(r.read_bytes for r in self.ranks),
                 "kv_bytes": sum(r.kv_bytes for r in self.ranks),
+                "prompt_cache_bytes": self.cache_bytes,
+                "prompt_cache_asked_bytes": self.cache_asked,
                 "hop_ms": _round(self.hop_ms),
                 "est_ms_per_token": _round(self.est_ms_per_token),
                 "tokens_per_s_bound": _round(self.tokens_per_s)}

@@ -127,9 +127,14 @@ def plan_job(cost: ModelCost, nodes: list[Node], max_context: int, *,
              hops: float | list[float] | None = None,
              alternatives: list[tuple[str, ModelCost]] = (), share_head: bool = True,
              tp: int | None = None, objective: str = "chat",
-             config: dict | None = None, sequences: int = HIGH_CONCURRENCY) -> Plan:
+             config: dict | None = None, sequences: int = HIGH_CONCURRENCY,
+             cache_bytes: int = 0) -> Plan:
     """The placement for a job: the planner's, or the user's `--split` (layers per stage)
-    checked to fit. tp: ranks per stage (None: the planner chooses, 1: pure pipeline).
+    checked to fit. cache_bytes: the prompt cache's budget, counted on every rank beside
+    its weights, KV cache and headroom, in the layout (stages' groups) chosen without it:
+    the cache moves layers, never makes the stages slower ones; where it does not fit beside
+    the model the plan keeps the most that does (Plan.cache_bytes below Plan.cache_asked,
+    cache_note says so). tp: ranks per stage (None: the planner chooses, 1: pure pipeline).
     objective: "chat" or "throughput" (place/groups.py). config: the model's, to know
     which group sizes it can be split into (None: any). hops: measured seconds of each
     rank's outgoing hop (None: from the nodes' declared latencies). Raises PlanError (a
@@ -147,12 +152,21 @@ def plan_job(cost: ModelCost, nodes: list[Node], max_context: int, *,
     if split:
         tp = tp or 1  # without --tp, a split per rank: the pure pipeline
         layers = parse_split(split, cost.num_layers, size // tp)
-    plan = plan_groups(cost, nodes, ring_links(nodes, cost.hidden_bytes, hops), max_context,
-                       fraction=memory_fraction, headroom=HEADROOM_BYTES, tp=tp,
-                       objective=objective, problems=problems, share_head=share_head,
-                       split=layers, sequences=sequences)
+    links = ring_links(nodes, cost.hidden_bytes, hops)
+
+    def place(cache: int, only: list[int] | None = None) -> Plan | None:
+        return plan_groups(cost, nodes, links, max_context, fraction=memory_fraction,
+                           headroom=HEADROOM_BYTES, tp=tp, objective=objective,
+                           problems=problems, share_head=share_head, split=layers,
+                           sequences=sequences, cache=cache, only=only)
+
+    plan = place(0)
+    if plan is not None and cache_bytes > 0:
+        base = plan
+        plan = _most_cache(lambda cache: place(cache, base.groups), cache_bytes, base)
+        plan = replace(plan, layouts=base.layouts)
     if plan is not None:
-        return plan
+        return replace(plan, cache_asked=cache_bytes)
     if layers is not None:
         if tp == 1:  # names the rank that is short
             check_split(cost, nodes, layers, max_context, memory_fraction=memory_fraction,
@@ -164,6 +178,39 @@ def plan_job(cost: ModelCost, nodes: list[Node], max_context: int, *,
     if tp and tp > 1:
         why = f"--tp {tp}: no split fits; as a pure pipeline, {why}"
     raise PlanError(why)
+
+
+CACHE_STEP = 2**20  # a prompt-cache budget cut to fit is a whole number of MiB
+
+
+def _most_cache(place, asked: int, base: Plan) -> Plan:
+    """place(asked), or where that does not fit the plan with the largest prompt-cache
+    budget that does, in CACHE_STEP units (base: the plan without a cache). A cache is an
+    optimisation: a model that fits without it runs with what is left (cache_note)."""
+    plan = place(asked)
+    if plan is not None:
+        return plan
+    best, lo, hi = base, 0, -(-asked // CACHE_STEP)  # lo units fit, hi do not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        plan = place(mid * CACHE_STEP)
+        lo, hi, best = (mid, hi, plan) if plan is not None else (lo, mid, best)
+    return best
+
+
+def cache_note(plan: Plan) -> str | None:
+    """One line when --prompt-cache-bytes was cut to fit beside the model, else None."""
+    if plan.cache_bytes >= plan.cache_asked:
+        return None
+    kept = plan.cache_bytes // CACHE_STEP
+    return (f"--prompt-cache-bytes {fmt_bytes(plan.cache_asked)} per rank does not fit beside "
+            f"the model at --max-context {plan.max_context} and --memory-fraction "
+            f"{plan.memory_fraction:g}: "
+            + (f"the prompt cache gets {kept}M per rank, what fits" if kept else
+               "the prompt cache is off, no room is left for it")
+            + f" (--prompt-cache-bytes {kept}M silences this; a smaller --max-context"
+            + (" or a larger --memory-fraction" if plan.memory_fraction < 1 else "")
+            + " leaves more)")
 
 
 HOP_PROBE_BYTES = 16 * 2**10  # about one token's hidden state of a 70B model (8192 x 2 B)
@@ -220,13 +267,13 @@ def preflight_plan(path: Path, config: dict, caps: list[Capacity] | None,
                    dtype: str | None = None, split: str | None = None,
                    dequantize: bool = False, share_head: bool = True,
                    tp: int | None = None, objective: str = "chat",
-                   sequences: int = HIGH_CONCURRENCY) -> Plan:
+                   sequences: int = HIGH_CONCURRENCY, cache_bytes: int = 0) -> Plan:
     """Rank 0, before anything is loaded: the placement of a run on the capacities from
     `measure_cluster` (capped by the hostfile's `mem=`), or `--split` checked against them.
     `dequantize`: the run expands quantized weights at load, so plan with the dense sizes.
     tp: ranks per stage (None: the planner chooses; 1: pure pipeline); objective: "chat"
     (one sequence's token time) or "throughput" (the slowest stage's step, many sequences).
-    Raises PlanError (a SplitError) saying which rank is short and what would fit, or why
+    cache_bytes: --prompt-cache-bytes, counted per rank (plan_job). Raises PlanError (a SplitError) saying which rank is short and what would fit, or why
     the model cannot run --tp N, or HostfileError / ModelError."""
     if dequantize and (config.get("quantization") or config.get("quantization_config")):
         cost = config_cost(config, dtype, quantization=None)
@@ -237,6 +284,6 @@ def preflight_plan(path: Path, config: dict, caps: list[Capacity] | None,
                     memory_fraction=memory_fraction, split=split, hops=hops,
                     alternatives=quantized_alternatives(config, cost.dtype),
                     share_head=share_head, tp=tp, objective=objective, config=config,
-                    sequences=sequences)
+                    sequences=sequences, cache_bytes=cache_bytes)
 
 
