@@ -274,10 +274,13 @@ def bench_cmd(
         except ValueError as e:
             _fail(str(e))
         raise typer.Exit(0)
+    # the prompt cache only in --prefix-cache mode (the plan counts it, and may cut it)
+    cache_bytes = _bytes(prompt_cache_bytes, "--prompt-cache-bytes") if prefix_cache else 0
     opts = _options(model, split, dtype, verbose, DEFAULT_PREFILL_CHUNK, dequantize,
                     SamplingParams(max_tokens=gen_tokens), distribute=distribute,
                     share_head=share_head, tp=tp, optimize=optimize,
-                    sequences=max(_int_list(concurrency, "--concurrency"), default=1))
+                    sequences=max(_int_list(concurrency, "--concurrency"), default=1),
+                    prompt_cache_bytes=cache_bytes)
     args = (_int_list(prompt_tokens, "--prompt-tokens"), gen_tokens,
             _int_list(concurrency, "--concurrency"), repeats, warmup, prefill_tokens,
             _int_list(prefill_chunks, "--prefill-chunks"), json_out, plot_out, label)
@@ -295,13 +298,13 @@ def bench_cmd(
     if prefix_cache:
         from pipeline.commands.bench_cache import run_cache_bench
 
-        cache_bytes = _bytes(prompt_cache_bytes, "--prompt-cache-bytes")
         if min(conversations, system_tokens, user_tokens) < 1 or turns < 2 or cache_bytes < 1:
             _fail("--prefix-cache needs --conversations, --system-tokens, --user-tokens and "
                   "--prompt-cache-bytes of at least 1 and --turns of at least 2")
         _run(opts, lambda d: run_cache_bench(
             d, conversations, turns, system_tokens, user_tokens, gen_tokens,
-            max(_int_list(concurrency, "--concurrency")), cache_bytes, repeats, json_out, label))
+            max(_int_list(concurrency, "--concurrency")), d.prompt_cache_bytes, repeats,
+            json_out, label))
         return
     from mpi4py import MPI
 
