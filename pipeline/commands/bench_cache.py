@@ -4,7 +4,9 @@ prompt, with the prompt cache and without it, in one job.
 The workload (`workload`): --conversations conversations of --turns turns each. Every prompt
 starts with the same system text of about --system-tokens tokens; each turn adds a user
 message of about --user-tokens tokens to the conversation so far (earlier messages and the
-model's answers). A turn's prompts of all conversations run at once (--concurrency at a time,
+model's answers, as text: a client resends the text and the server tokenizes the whole
+conversation again, so a hit reaches as far as the new tokens equal the cached ones). A
+turn's prompts of all conversations run at once (--concurrency at a time,
 the engine's continuous batching); the next turn waits for their answers, as agents wait for
 the model. Answers are greedy, --gen-tokens long (EOS ignored), so both runs see the same
 prompts. Per turn: the time to first token (median over the conversations, counted from the
@@ -92,21 +94,21 @@ def run_once(driver: Driver, work: Workload, gen_tokens: int, concurrency: int,
     """One pass over the workload with a fresh engine (its prompt cache starts empty)."""
     tok = driver.tokenizer
     engine = Engine(driver, concurrency, prompt_cache_bytes=cache_bytes)
-    history = [_encode(tok, work.system) for _ in work.users]  # token ids, turn by turn
+    history = [work.system for _ in work.users]  # each conversation's text so far
     turns, answers = [], []
     for t in range(work.turns):
         seqs = []
         for c, users in enumerate(work.users):
-            history[c] = history[c] + _encode(tok, users[t])
-            seqs.append(Sequence(id=c, prompt=list(history[c]), sampling=SamplingParams(
+            history[c] += users[t]
+            seqs.append(Sequence(id=c, prompt=_encode(tok, history[c]), sampling=SamplingParams(
                 temp=0.0, max_tokens=gen_tokens, ignore_eos=True)))
         done: list[Sequence] = []
         start = time.perf_counter()
         engine.run(seqs, done.append)
         wall = time.perf_counter() - start
         done.sort(key=lambda s: s.id)
-        for seq in done:
-            history[seq.id] = history[seq.id] + seq.tokens
+        for seq in done:  # the answer comes back as text, as a client resends it
+            history[seq.id] += tok.decode(seq.tokens)
         answers.append([s.tokens for s in done])
         turns.append({"turn": t + 1, "prompt_tokens": sum(len(s.prompt) for s in done),
                       "cached_tokens": sum(s.cached_tokens for s in done),
