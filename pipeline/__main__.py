@@ -246,6 +246,8 @@ def bench_cmd(
                                       "over a shared system prompt, turn by turn, with the "
                                       "prompt cache and without (time to first token per "
                                       "turn, cached tokens, aggregate time)."),
+    grammar: bool = typer.Option(False, "--grammar", help="Instead: one sequence's decode tok/s "
+                                 "free and under a JSON grammar (constrained decoding's cost)."),
     conversations: int = typer.Option(8, "--conversations", help="With --prefix-cache."),
     turns: int = typer.Option(3, "--turns", help="With --prefix-cache: turns per conversation."),
     system_tokens: int = typer.Option(2000, "--system-tokens", help="With --prefix-cache: the "
@@ -294,6 +296,11 @@ def bench_cmd(
         _run(opts, lambda d: run_speculative_bench(d, gen_tokens, repeats, warmup,
                                                    num_draft_tokens, json_out, label,
                                                    exact=draft_exact))
+        return
+    if grammar:
+        from pipeline.commands.bench_grammar import run_grammar_bench
+
+        _run(opts, lambda d: run_grammar_bench(d, gen_tokens, repeats, warmup, json_out, label))
         return
     if prefix_cache:
         from pipeline.commands.bench_cache import run_cache_bench

@@ -214,9 +214,10 @@ def test_bench_prefix_cache(model_dir, tmp_path):
     first, second = r["on"]
     assert [t["cached_tokens"] for t in r["off"]] == [0, 0]
     assert first["cached_tokens"] >= 2 * 120  # conversations 2 and 3 reuse the system prompt
-    # turn 2: each conversation's turn 1 from the cache, as far as the answer's text
-    # tokenizes again to the same tokens (a random model's rarely all do)
-    assert second["cached_tokens"] >= first["prompt_tokens"]
+    # turn 2: each conversation's turn-1 prompt from the cache (its resent answer is a fixed
+    # text, not the model's), so only the answer and the new message are prefilled
+    assert second["cached_tokens"] >= first["prompt_tokens"] - 3
+    assert second["prompt_tokens"] - second["cached_tokens"] <= 3 * (5 + 30)
     assert r["prompt_cache"]["hits"] == 5 and r["prompt_cache"]["misses"] == 1
     assert r["later_ttft_ratio"] > 0 and r["aggregate_ratio"] > 0
     assert "goal <= 0.25x" in proc.stdout and "goal <= 0.5x" in proc.stdout

@@ -251,3 +251,40 @@ def test_a_template_without_tools_gets_the_generic_form(served):
     log = "".join(served.err)
     assert log.count("tools are described in a system message with the generic JSON") == 1
     assert "no tool-call parser is known for its chat template" in log
+
+
+def test_chat_page_shows_the_reasoning_apart(server):
+    """The chat page in headless Chromium: a thinking model's reasoning streams into a folded
+    "Reasoning" block above the answer, and only the answer goes back in the history."""
+    import os
+
+    from test_serve import API_KEY, CHROMIUM, CHROMIUM_ARGS
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no {CHROMIUM}: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.wait_for_selector("#key-form:not([hidden])")
+            page.fill("#api-key", API_KEY)
+            page.press("#api-key", "Enter")
+            page.wait_for_function(
+                "document.getElementById('cluster').textContent.includes('2 ranks')")
+            page.fill("#temperature", "0")
+            page.fill("#max-tokens", "64")
+            page.fill("#prompt", "What is the weather in Paris?")
+            page.press("#prompt", "Enter")
+            page.wait_for_selector(".msg.assistant[data-done='1']", timeout=60_000)
+            answer = page.locator(".msg.assistant").last
+            assert answer.locator(".reasoning .thought").text_content() == REASONING
+            assert answer.locator(".reasoning").get_attribute("open") is None  # folded
+            text = answer.locator(".text").text_content()
+            assert text.startswith(TEXT) and REASONING not in text and "think>" not in text
+            sent = page.evaluate("history")
+            assert sent[-1] == {"role": "assistant", "content": text}
+        finally:
+            browser.close()

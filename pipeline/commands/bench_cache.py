@@ -4,8 +4,11 @@ prompt, with the prompt cache and without it, in one job.
 The workload (`workload`): --conversations conversations of --turns turns each. Every prompt
 starts with the same system text of about --system-tokens tokens; each turn adds a user
 message of about --user-tokens tokens to the conversation so far (earlier messages and the
-model's answers, as text: a client resends the text and the server tokenizes the whole
-conversation again, so a hit reaches as far as the new tokens equal the cached ones). A
+model's answers). The text is resent whole each turn and tokenized again, as a server sees a
+client's next turn, so a hit reaches as far as the new tokens equal the cached ones; the
+answer resent is a fixed text of plain words about as long as the model's answer (a random
+model's answers are byte soup that tokenizes again into ten times the tokens, which a real
+model's do not), so the answers themselves are prefilled again and only the rest hits. A
 turn's prompts of all conversations run at once (--concurrency at a time,
 the engine's continuous batching); the next turn waits for their answers, as agents wait for
 the model. Answers are greedy, --gen-tokens long (EOS ignored), so both runs see the same
@@ -71,6 +74,7 @@ def _text(rng: random.Random, tokenizer, tokens: int) -> str:
 class Workload:
     system: str
     users: list[list[str]]  # per conversation, its user messages in turn order
+    answers: list[list[str]]  # per conversation, the answer text resent after each turn
 
     @property
     def turns(self) -> int:
@@ -78,11 +82,14 @@ class Workload:
 
 
 def workload(tokenizer, conversations: int, turns: int, system_tokens: int, user_tokens: int,
-             seed: int = 0) -> Workload:
+             answer_tokens: int, seed: int = 0) -> Workload:
     rng = random.Random(seed)
     system = "System: " + _text(rng, tokenizer, system_tokens)
-    return Workload(system, [[f"\n\nUser: {_text(rng, tokenizer, user_tokens)}\n\nAssistant:"
-                              for _ in range(turns)] for _ in range(conversations)])
+    users = [[f"\n\nUser: {_text(rng, tokenizer, user_tokens)}\n\nAssistant:"
+              for _ in range(turns)] for _ in range(conversations)]
+    answers = [[" " + _text(rng, tokenizer, answer_tokens) for _ in range(turns)]
+               for _ in range(conversations)]
+    return Workload(system, users, answers)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -107,8 +114,8 @@ def run_once(driver: Driver, work: Workload, gen_tokens: int, concurrency: int,
         engine.run(seqs, done.append)
         wall = time.perf_counter() - start
         done.sort(key=lambda s: s.id)
-        for seq in done:  # the answer comes back as text, as a client resends it
-            history[seq.id] += tok.decode(seq.tokens)
+        for seq in done:
+            history[seq.id] += work.answers[seq.id][t]
         answers.append([s.tokens for s in done])
         turns.append({"turn": t + 1, "prompt_tokens": sum(len(s.prompt) for s in done),
                       "cached_tokens": sum(s.cached_tokens for s in done),
@@ -135,9 +142,10 @@ def run_cache_bench(driver: Driver, conversations: int, turns: int, system_token
                     repeats: int, json_out: Path | None, label: str | None = None) -> dict:
     if turns < 2:
         raise ValueError("--turns must be at least 2: a later turn is what the cache speeds up")
-    work = workload(driver.tokenizer, conversations, turns, system_tokens, user_tokens)
+    work = workload(driver.tokenizer, conversations, turns, system_tokens, user_tokens,
+                    gen_tokens)
     # a warm-up pass of one conversation, so the first timed pass pays no compilation
-    run_once(driver, Workload(work.system, work.users[:1]), 2, concurrency, 0)
+    run_once(driver, Workload(work.system, work.users[:1], work.answers[:1]), 2, concurrency, 0)
     runs: dict[str, list[dict]] = {"off": [], "on": []}
     for r in range(repeats):
         for mode, size in (("off", 0), ("on", cache_bytes)):

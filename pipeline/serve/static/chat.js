@@ -104,7 +104,11 @@ async function send(text) {
   div.dataset.chunks = "0";
   setBusy(true);
   controller = new AbortController();
-  let answer = "", first = null, usage = null;
+  let answer = "", thought = "", first = null, usage = null;
+  const shown = document.createElement("span");  // the answer; its reasoning goes above it
+  shown.className = "text";
+  div.appendChild(shown);
+  let reasoning = null;  // <details> with the reasoning, made when the first of it arrives
   try {
     const r = await apiFetch("/v1/chat/completions", {
       method: "POST",
@@ -124,14 +128,29 @@ async function send(text) {
       if (data === "[DONE]") break;
       const event = JSON.parse(data);
       if (event.usage) usage = event.usage;
-      const piece = event.choices && event.choices[0] && event.choices[0].delta.content;
-      if (piece) {
+      const delta = (event.choices && event.choices[0] && event.choices[0].delta) || {};
+      const piece = delta.content, thinking = delta.reasoning_content;
+      if (piece || thinking) {
         if (first === null) first = performance.now();
-        answer += piece;
-        div.textContent = answer;
         div.dataset.chunks = String(Number(div.dataset.chunks) + 1);
-        div.scrollIntoView({ block: "end" });
       }
+      if (thinking) {  // a thinking model's reasoning: shown folded, never sent back
+        if (reasoning === null) {
+          reasoning = document.createElement("details");
+          reasoning.className = "reasoning";
+          reasoning.innerHTML = "<summary>Reasoning</summary><div class='thought'></div>";
+          reasoning.open = true;  // open while the model thinks, folded once it answers
+          div.insertBefore(reasoning, shown);
+        }
+        thought += thinking;
+        reasoning.querySelector(".thought").textContent = thought;
+      }
+      if (piece) {
+        if (reasoning !== null && answer === "") reasoning.open = false;
+        answer += piece;
+        shown.textContent = answer;
+      }
+      if (piece || thinking) div.scrollIntoView({ block: "end" });
     }
     const seconds = first === null ? 0 : (performance.now() - first) / 1000;
     if (usage && usage.completion_tokens > 1 && seconds > 0) {
