@@ -1,6 +1,6 @@
 """The output state machine (pipeline/serve/output.py) over fixture outputs of every tool-call
 family serve parses: mlx-lm's parsers (as its tokenizer wrapper picks them from a chat template)
-and serve's own (DeepSeek V3/V3.1, the generic JSON format). For each: text before the calls,
+and serve's own (DeepSeek V3/V3.1, V3.2's DSML, the generic JSON format). For each: text before the calls,
 two parallel calls fed in every cut (one character at a time, and chunks of 2 to 9), and a
 malformed call reported with its text and the reason, never dropped. Pure: no model, no MPI."""
 
@@ -87,10 +87,22 @@ FIXTURES = {
         '\n```json\n{"zone": "CET"}\n```' f"{DS_CALL_END}{DS_END}",
         f"{DS_BEGIN}{DS_CALL}function{DS_SEP}get_weather\n```json\n" '{"city"\n```'
         f"{DS_CALL_END}{DS_END}"),
+    "deepseek_v32": (  # DSML tags; string="false": a JSON value
+        '<｜DSML｜function_calls>\n<｜DSML｜invoke name="get_weather">\n'
+        '<｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>\n'
+        '<｜DSML｜parameter name="days" string="false">3</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
+        '<｜DSML｜invoke name="get_time">\n<｜DSML｜parameter name="zone" string="true">CET'
+        "</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜function_calls>",
+        '<｜DSML｜function_calls>\n<｜DSML｜invoke name="get_weather">\n<｜DSML｜parameter '
+        'name="days" string="false">three</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
+        "</｜DSML｜function_calls>"),
 }
 
 
 def _family(name: str) -> Family:
+    if name == "deepseek_v32":
+        tok = SimpleNamespace(chat_template="... <｜DSML｜function_calls> ...", has_thinking=False)
+        return family_of(tok)
     if name.startswith("deepseek_v3"):
         tok = SimpleNamespace(chat_template=f"... {DS_BEGIN} ...", has_thinking=False)
         return family_of(tok)

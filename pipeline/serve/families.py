@@ -4,7 +4,7 @@ text of a call becomes {name, arguments}.
 mlx-lm's tokenizer wrapper already infers the think markers (from the vocabulary) and a tool
 parser with its start/end markers (from the chat template: hermes/Qwen JSON, Qwen3-Coder XML,
 GLM-4.5/4.7, Kimi K2, Mistral, MiniMax, Gemma, ...); `family_of` takes those. It adds what mlx-lm
-lacks: DeepSeek V3/V3.1's call markers, gpt-oss's harmony channels (read by harmony.py), and the
+lacks: DeepSeek V3/V3.1's call markers and V3.2's DSML tags, gpt-oss's harmony channels (read by harmony.py), and the
 generic JSON format that serve describes to a model whose chat template knows no tools (chat.py).
 """
 
@@ -57,6 +57,31 @@ def _deepseek(text: str, tools=None) -> list[dict]:
     return calls
 
 
+# DeepSeek V3.2 ("DSML" tags; `string="true"`: the value as written, "false": a JSON value):
+#   <｜DSML｜function_calls>\n<｜DSML｜invoke name="NAME">\n
+#   <｜DSML｜parameter name="KEY" string="true">VALUE</｜DSML｜parameter>\n</｜DSML｜invoke>\n
+#   ...</｜DSML｜function_calls>
+DSML = "｜DSML｜"
+DSML_CALLS = (f"<{DSML}function_calls>", f"</{DSML}function_calls>")
+_DSML_INVOKE = re.compile(f'<{DSML}invoke name="([^"]+)">(.*?)</{DSML}invoke>', re.DOTALL)
+_DSML_PARAM = re.compile(f'<{DSML}parameter name="([^"]+)"(?: string="(true|false)")?>(.*?)'
+                         f"</{DSML}parameter>", re.DOTALL)
+
+
+def _dsml(text: str, tools=None) -> list[dict]:
+    calls = []
+    for name, body in _DSML_INVOKE.findall(text):
+        args = {}
+        for key, is_string, value in _DSML_PARAM.findall(body):
+            args[key] = value if is_string == "true" else json.loads(value)
+        if not args and body.strip():  # the arguments as one JSON object instead
+            args = json.loads(body)
+        calls.append({"name": name.strip(), "arguments": args})
+    if not calls:
+        raise ValueError(f'no <{DSML}invoke name="NAME">...</{DSML}invoke> in it')
+    return calls
+
+
 # gpt-oss: messages with channels, not markers around blocks (harmony.py reads them); a call is
 # a commentary message to=functions.NAME, its body the JSON arguments, ended by <|call|>.
 HARMONY_CALL = ("<|channel|>commentary to=functions.", "<|call|>")
@@ -77,6 +102,8 @@ def family_of(tokenizer) -> Family:
         return Family(name, think, (tokenizer.tool_call_start, tokenizer.tool_call_end or ""),
                       tokenizer.tool_parser)
     template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and DSML_CALLS[0] in template:
+        return Family("deepseek_v32", think, DSML_CALLS, _dsml)
     if isinstance(template, str) and DEEPSEEK_CALLS[0] in template:
         return Family("deepseek_v3", think, DEEPSEEK_CALLS, _deepseek)
     if isinstance(template, str) and "<|channel|>" in template and "<|message|>" in template:
