@@ -74,3 +74,27 @@ def test_a_constrained_sequence_equals_mlx_lm_with_the_same_grammar(model_dir, k
     text = tok.decode([t for t in expected if t not in tok.eos_token_ids])
     assert text.startswith('{"answer": ' if kind == "json" else "<tool_call>\n{"), text
     assert free.tokens != seq.tokens  # the grammar changed the answer (same batch, no mask)
+
+
+def test_logprobs_under_a_grammar_are_those_of_the_masked_logits(model_dir):
+    """With a grammar, logprobs are the log-softmax of the logits after its mask: a token the
+    grammar forces (a key of the schema, its punctuation) has log-probability 0, and no
+    refused token is among the top ones."""
+    import math
+
+    from mlx_lm.utils import load_tokenizer
+
+    path = model_dir("tiny-llama")
+    tok = load_tokenizer(path)
+    net = LocalNet(path, [3, 4])
+    engine = _engine(net, concurrency=1)
+    seq = Sequence(id=0, prompt=tok.encode("JSON please"), logprobs=3, constraint=make("json", tok),
+                   sampling=SamplingParams(temp=0.0, max_tokens=12, ignore_eos=True))
+    engine.run([seq], lambda s: None)
+    text = tok.decode(seq.tokens)
+    assert text.startswith('{"answer": ')
+    chosen = [lp for lp, _ in seq.token_logprobs]
+    assert max(chosen) == 0.0  # forced steps: probability 1 among the allowed tokens
+    for lp, top in seq.token_logprobs:
+        assert top and all(v > -math.inf for _, v in top)  # refused tokens are not listed
+        assert sum(math.exp(v) for _, v in top) <= 1 + 1e-5 and lp == top[0][1]

@@ -226,8 +226,13 @@ class Engine:
                     token = greedy[row] if decided else seq.sampler(drawn)
                     if grammar is not None:
                         grammar.accept(token)
-                    if seq.logprobs is not None:  # of the logits the token was drawn from
-                        seq.token_logprobs.append(top_logprobs(logprobs, token, seq.logprobs))
+                    if seq.logprobs is not None:  # of the logits the token was drawn from:
+                        # after a grammar's mask, normalized over the tokens it allowed
+                        shown = logprobs if grammar is None else logprobs_of(drawn)
+                        lp, top = top_logprobs(shown, token, seq.logprobs)
+                        if grammar is not None:  # refused tokens (-inf) are not listed
+                            top = [(t, v) for t, v in top if v > -math.inf]
+                        seq.token_logprobs.append((lp, top))
                     if not seq.tokens:
                         seq.first_token = now
                     seq.tokens.append(token)
