@@ -93,7 +93,10 @@ def test_1000_prompt_batch_keeps_memory_and_fds_flat(model_dir, tmp_path):
     proc = subprocess.Popen(
         pipeline_cmd(2, "batch", str(prompts), "-o", str(out), "--model",
                      str(model_dir("tiny-llama")), "--no-chat", "--ignore-eos",
-                     "--max-tokens", "4", "--concurrency", "16"),
+                     "--max-tokens", "4", "--concurrency", "16",
+                     # a prompt cache that is full long before prompt 100 (the default 2G would
+                     # keep growing, by design, through all 1000): its evictions must not leak
+                     "--prompt-cache-bytes", "1M"),
         env=mpi_env(), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr", "w"))
     try:
         sampler = Sampler(rank_pids(proc.pid, 2),
@@ -169,13 +172,13 @@ def test_200_turns_with_reset_every_20(model_dir, tmp_path):
 
 @pytest.mark.slow  # a 2-rank server (start_server, imported: not seen by conftest)
 def test_a_full_prompt_cache_stays_within_its_budget(model_dir):
-    """120 requests whose prompts share no prefix (~400 tokens each: ~0.8 MiB of keys and values
-    on the busier rank) through a 4 MiB prompt cache: /stats, polled while they run, never
+    """80 requests whose prompts share no prefix (~400 tokens each: ~0.8 MiB of keys and values
+    on the busier rank) through a 2 MiB prompt cache: /stats, polled while they run, never
     shows more than the budget; the cache fills and evicts on and on; the ranks' peak RSS once
-    it is full does not grow with the ~100 MiB that were kept and dropped."""
-    n, budget = 120, 4 * 2**20
+    it is full does not grow with the ~60 MiB that were kept and dropped."""
+    n, budget = 80, 2 * 2**20
     served = start_server(model_dir("tiny-llama"), "--concurrency", "4", "--prompt-cache-bytes",
-                          "4M")
+                          "2M")
     done, polled, lock = [0], [], threading.Lock()
 
     def poll() -> None:
