@@ -195,3 +195,25 @@ def test_a_reasoning_budget_composes_with_a_forced_call(tok):
     assert not walk(both, tok, "I will check.")  # then the call the grammar forces
     both = grammar.ThinkBudget(2, family, False, tok, forced(tok, family=family, parallel=False))
     assert walk(both, tok, [start[0], "Let", end[0], "\n" + CALL]) and eos_only(both, tok)
+
+
+def test_a_response_format_keyword_that_cannot_be_enforced_is_a_400(tok):
+    """response_format schemas are strict: a keyword llguidance does not implement is named in
+    the 400; the same keyword in a tool's parameters is ignored (a forced call still compiles),
+    and annotations (title, description, $schema, a known format) are fine."""
+    for schema, word in (({"not": {"type": "string"}}, "not"),
+                         ({"type": "array", "uniqueItems": True}, "uniqueItems"),
+                         ({"type": "string", "format": "shoe-size"}, "shoe-size")):
+        with pytest.raises(ApiError) as e:
+            grammar.Constraint(grammar.json_grammar(Family("none"), False, schema, tok), tok,
+                               "response_format")
+        assert e.value.status == 400 and word in str(e.value), str(e.value)
+    fine = {"$schema": "http://json-schema.org/draft-07/schema#", "title": "t",
+            "description": "d", "type": "string", "format": "email"}
+    grammar.Constraint(grammar.json_grammar(Family("none"), False, fine, tok), tok,
+                       "response_format")
+    loose = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}}}]
+    family = Family("json_tools", None, ("<tool_call>", "</tool_call>"))
+    grammar.Constraint(grammar.tool_grammar(family, False, loose, None, True, tok), tok,
+                       "tool_choice")

@@ -74,13 +74,18 @@ def _regex(text: str) -> str:
 
 
 # JSON as json.dumps and chat templates write it (", " and ": ", no other whitespace): a
-# flexible-whitespace grammar lets a small model pad forever; unknown keywords are ignored.
+# flexible-whitespace grammar lets a small model pad forever. Lenient: keywords llguidance does
+# not implement are ignored; used for tools' parameters only (see _json).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
                 "lenient": True}
 
 
-def _json(schema: dict) -> str:
-    return json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+def _json(schema: dict, lenient: bool = True) -> str:
+    """A %json argument. A tool's parameters are lenient: they are written for the model to
+    read, often with keywords no engine enforces, and refusing them would refuse an agent's
+    every forced call. A response_format schema is strict: what llguidance cannot enforce
+    (`not`, `if`/`then`, `uniqueItems`, an unknown `format`, ...) is a 400 naming it."""
+    return json.dumps({**schema, "x-guidance": {**JSON_OPTIONS, "lenient": lenient}})
 
 
 def call_schema(tools: list[dict], name: str | None) -> dict:
@@ -121,7 +126,7 @@ def tool_grammar(family: Family, reasoning: bool, tools: list[dict], name: str |
 def json_grammar(family: Family, reasoning: bool, schema: dict, tokenizer) -> str:
     think = _think(family, reasoning, tokenizer)
     return (f"start: {_head(think, reasoning)}answer\n{think}WS: /[ \\n]{{0,2}}/\n"
-            f"answer: %json {_json(schema)}\n")
+            f"answer: %json {_json(schema, lenient=False)}\n")
 
 
 def response_schema(body: dict) -> dict | None:
