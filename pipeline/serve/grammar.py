@@ -147,7 +147,20 @@ def response_schema(body: dict) -> dict | None:
     return schema
 
 
-class Constraint:
+class Masking:
+    """What the engine calls (exec/engine.py): apply(logprobs) before a sample, accept(token)
+    after; a subclass says which tokens are allowed(width)."""
+
+    def allowed(self, width: int) -> mx.array:
+        raise NotImplementedError
+
+    def apply(self, logprobs: mx.array) -> mx.array:
+        """logprobs: [1, V] with every token refused at -inf."""
+        mask = self.allowed(logprobs.shape[-1])
+        return mx.where(mask[None], logprobs, mx.array(-mx.inf, dtype=logprobs.dtype))
+
+
+class Constraint(Masking):
     """One sequence's grammar state: which tokens may come next, and the tokens chosen."""
 
     def __init__(self, grammar: str, tokenizer, param: str):
@@ -160,7 +173,6 @@ class Constraint:
             raise ApiError(400, f"'{param}' cannot be followed: "
                            f"{self.matcher.get_error().splitlines()[0]}", param)
         self.eos = sorted(tokenizer.eos_token_ids)
-        self.masked = 0  # steps that had tokens masked
 
     def allowed(self, width: int) -> mx.array:
         """[width] bool: the tokens that keep the answer in the grammar (past the tokenizer's
@@ -176,18 +188,12 @@ class Constraint:
         mask[:n] = bits[:n]
         return mx.array(mask)
 
-    def apply(self, logprobs: mx.array) -> mx.array:
-        """logprobs: [1, V] with every token the grammar refuses at -inf."""
-        self.masked += 1
-        mask = self.allowed(logprobs.shape[-1])
-        return mx.where(mask[None], logprobs, mx.array(-mx.inf, dtype=logprobs.dtype))
-
     def accept(self, token: int) -> None:
         if not self.matcher.is_stopped():
             self.matcher.consume_token(token)
 
 
-class ThinkBudget:
+class ThinkBudget(Masking):
     """At most `budget` tokens of reasoning (Anthropic's thinking.budget_tokens): once the
     reasoning block has that many, its end marker is forced, token by token, and the answer
     goes on from there. `inner`: a grammar Constraint that also shapes the answer (its free
@@ -204,7 +210,6 @@ class ThinkBudget:
         self.count = 0  # reasoning tokens so far
         self.forced = 0  # end-marker tokens forced so far
         self.recent: list[int] = []  # the latest tokens (the whole answer while "before")
-        self.masked = 0
 
     def allowed(self, width: int) -> mx.array:
         if self.state == "forcing":
@@ -214,11 +219,6 @@ class ThinkBudget:
         if self.inner is not None:
             return self.inner.allowed(width)
         return mx.array(np.ones(width, dtype=bool))
-
-    def apply(self, logprobs: mx.array) -> mx.array:
-        self.masked += 1
-        mask = self.allowed(logprobs.shape[-1])
-        return mx.where(mask[None], logprobs, mx.array(-mx.inf, dtype=logprobs.dtype))
 
     def accept(self, token: int) -> None:
         if self.inner is not None:
